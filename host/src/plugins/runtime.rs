@@ -1,0 +1,283 @@
+//! The wasmtime engine every plugin runs on, and the bounds of every call.
+//!
+//! One [`Engine`] per process with epoch interruption (a ticker thread advances the epoch
+//! every millisecond) and the pooling allocator. Components are compiled once (cached by
+//! their sha256) and pre-instantiated; each request gets fresh [`Store`]s, so no state can
+//! pass from one request (or principal) to another through a plugin's memory.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use wasmtime::component::{Component, Linker, ResourceTable};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use super::{Fault, FaultKind, Slot};
+
+/// How often the epoch advances: the granularity of deadlines.
+pub const EPOCH_TICK: Duration = Duration::from_millis(1);
+
+/// The largest memory cap a plugin may be given; the pooling allocator's slot size.
+pub const MAX_MEMORY_BYTES: usize = 256 << 20;
+
+/// Most log lines one plugin call may write; further lines are dropped.
+const MAX_LOG_LINES_PER_STORE: u32 = 32;
+/// Longest log line kept, in bytes.
+const MAX_LOG_LINE: usize = 512;
+
+/// Bounds on every call into one plugin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Wall-clock budget per call (instantiation and configuration included).
+    pub deadline: Duration,
+    /// Linear memory cap.
+    pub memory_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            deadline: Duration::from_millis(10),
+            memory_bytes: 16 << 20,
+        }
+    }
+}
+
+impl Limits {
+    fn deadline_ticks(&self) -> u64 {
+        let ticks = self.deadline.as_micros().div_ceil(EPOCH_TICK.as_micros());
+        u64::try_from(ticks).unwrap_or(u64::MAX).max(1)
+    }
+}
+
+/// Enforces the memory cap and remembers that it was hit, so the fault is named right.
+#[derive(Debug)]
+struct MemoryCap {
+    cap: usize,
+    exceeded: bool,
+}
+
+impl wasmtime::ResourceLimiter for MemoryCap {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.cap {
+            self.exceeded = true;
+            return Err(wasmtime::format_err!("plugin memory cap exceeded"));
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= 100_000)
+    }
+}
+
+/// The data of one plugin [`Store`].
+pub struct PluginState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    memory: MemoryCap,
+    plugin: Arc<str>,
+    slot: Slot,
+    request_id: Option<Arc<str>>,
+    log_lines: u32,
+}
+
+impl WasiView for PluginState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl PluginState {
+    /// A line from the guest's `log` import, attributed and bounded.
+    pub(super) fn guest_log(&mut self, level: tracing::Level, message: &str) {
+        if self.log_lines >= MAX_LOG_LINES_PER_STORE {
+            return;
+        }
+        self.log_lines += 1;
+        let mut end = message.len().min(MAX_LOG_LINE);
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        let message = &message[..end];
+        let plugin = &*self.plugin;
+        let slot = self.slot.as_str();
+        let request_id = self.request_id.as_deref().unwrap_or("-");
+        match level {
+            tracing::Level::ERROR => tracing::error!(plugin, slot, request_id, "{message}"),
+            tracing::Level::WARN => tracing::warn!(plugin, slot, request_id, "{message}"),
+            tracing::Level::INFO => tracing::info!(plugin, slot, request_id, "{message}"),
+            tracing::Level::DEBUG => tracing::debug!(plugin, slot, request_id, "{message}"),
+            tracing::Level::TRACE => tracing::trace!(plugin, slot, request_id, "{message}"),
+        }
+    }
+}
+
+/// The process-wide plugin engine.
+pub struct Runtime {
+    pub(super) engine: Engine,
+    pub(super) linker: Linker<PluginState>,
+    components: Mutex<HashMap<[u8; 32], Component>>,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime").finish_non_exhaustive()
+    }
+}
+
+static RUNTIME: OnceLock<Result<Runtime, String>> = OnceLock::new();
+
+impl Runtime {
+    /// The shared runtime, created (and its epoch ticker started) on first use.
+    pub fn get() -> Result<&'static Runtime, String> {
+        RUNTIME
+            .get_or_init(|| Runtime::new().map_err(|e| format!("plugin runtime: {e}")))
+            .as_ref()
+            .map_err(Clone::clone)
+    }
+
+    fn new() -> wasmtime::Result<Self> {
+        let mut pool = PoolingAllocationConfig::default();
+        pool.total_component_instances(1000)
+            .total_core_instances(4000)
+            .total_memories(1000)
+            .total_tables(2000)
+            .max_memories_per_component(4)
+            .max_tables_per_component(8)
+            .max_core_instances_per_component(16)
+            .max_memory_size(MAX_MEMORY_BYTES);
+        let mut config = Config::new();
+        config
+            .wasm_component_model(true)
+            .epoch_interruption(true)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
+            .memory_reservation(MAX_MEMORY_BYTES as u64)
+            .memory_guard_size(32 << 20)
+            .memory_reservation_for_growth(0);
+        let engine = Engine::new(&config)?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
+        super::bindings::add_host_to_linker(&mut linker)?;
+
+        let weak = engine.weak();
+        std::thread::Builder::new()
+            .name("warden-epoch".into())
+            .spawn(move || {
+                while let Some(engine) = weak.upgrade() {
+                    engine.increment_epoch();
+                    drop(engine);
+                    std::thread::sleep(EPOCH_TICK);
+                }
+            })
+            .map_err(|e| wasmtime::format_err!("cannot start the epoch ticker: {e}"))?;
+        Ok(Self {
+            engine,
+            linker,
+            components: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Compile a component, or take it from the cache of components already compiled.
+    pub(super) fn compile(&self, sha256: [u8; 32], bytes: &[u8]) -> wasmtime::Result<Component> {
+        if let Some(c) = self
+            .components
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&sha256)
+        {
+            return Ok(c.clone());
+        }
+        let component = Component::from_binary(&self.engine, bytes)?;
+        self.components
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(sha256, component.clone());
+        Ok(component)
+    }
+
+    /// A fresh store for one plugin instance: no WASI capabilities, a memory cap, and the
+    /// epoch deadline armed for the first call.
+    pub(super) fn store(
+        &self,
+        slot: Slot,
+        plugin: &Arc<str>,
+        limits: Limits,
+        request_id: Option<&Arc<str>>,
+    ) -> Store<PluginState> {
+        let state = PluginState {
+            // Grants nothing: no preopened directories, no environment, no arguments,
+            // stdio to nowhere, and every socket address denied.
+            wasi: WasiCtx::builder().build(),
+            table: ResourceTable::new(),
+            memory: MemoryCap {
+                cap: limits.memory_bytes,
+                exceeded: false,
+            },
+            plugin: plugin.clone(),
+            slot,
+            request_id: request_id.cloned(),
+            log_lines: 0,
+        };
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| &mut s.memory);
+        store.epoch_deadline_trap();
+        store.set_epoch_deadline(limits.deadline_ticks());
+        store
+    }
+}
+
+/// Re-arm the deadline before another call on a live store.
+pub(super) fn arm(store: &mut Store<PluginState>, limits: Limits) {
+    store.set_epoch_deadline(limits.deadline_ticks());
+}
+
+/// Name a failed call's fault.
+pub(super) fn classify(store: &Store<PluginState>, error: &wasmtime::Error) -> FaultKind {
+    if store.data().memory.exceeded {
+        return FaultKind::Memory;
+    }
+    match error.downcast_ref::<wasmtime::Trap>() {
+        Some(wasmtime::Trap::Interrupt) => FaultKind::Deadline,
+        Some(_) => FaultKind::Trap,
+        None => FaultKind::Trap,
+    }
+}
+
+/// Build a fault, log it once and report it to the sink.
+pub(super) fn fault(
+    slot: Slot,
+    plugin: &Arc<str>,
+    kind: FaultKind,
+    request_id: Option<&Arc<str>>,
+    sink: &dyn super::FaultSink,
+) -> Fault {
+    let fault = Fault {
+        slot,
+        plugin: plugin.clone(),
+        kind,
+    };
+    tracing::warn!(
+        slot = slot.as_str(),
+        plugin = &**plugin,
+        fault = kind.as_str(),
+        request_id = request_id.map(|r| &**r).unwrap_or("-"),
+        "plugin fault"
+    );
+    sink.fault(&fault);
+    fault
+}

@@ -1,0 +1,461 @@
+//! Input limits, control-character checks, and PII redaction for inputs and outputs.
+
+#![forbid(unsafe_code)]
+
+use std::borrow::Cow;
+
+use serde::Deserialize;
+
+use crate::pii::{self, PiiKind};
+
+/// What to do when personal data of one kind is found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    /// Replace it with a placeholder such as `[EMAIL]`.
+    #[default]
+    Redact,
+    /// Refuse the request (input) or abort the response (output).
+    Reject,
+    /// Let it through.
+    Off,
+}
+
+/// Policy per kind of personal data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct PiiPolicy {
+    /// E-mail addresses.
+    pub email: Action,
+    /// Phone numbers.
+    pub phone: Action,
+    /// Luhn-valid card numbers.
+    pub card: Action,
+    /// US social security numbers.
+    pub ssn: Action,
+}
+
+impl PiiPolicy {
+    fn action(&self, kind: PiiKind) -> Action {
+        match kind {
+            PiiKind::Email => self.email,
+            PiiKind::Phone => self.phone,
+            PiiKind::Card => self.card,
+            PiiKind::Ssn => self.ssn,
+        }
+    }
+
+    fn all_off(&self) -> bool {
+        [self.email, self.phone, self.card, self.ssn]
+            .iter()
+            .all(|a| *a == Action::Off)
+    }
+
+    /// Apply the policy to `text`: `Ok` with the (possibly) redacted text, or the kind of
+    /// the first match whose action is `reject`.
+    pub fn apply<'a>(&self, text: &'a str) -> Result<Cow<'a, str>, PiiKind> {
+        if self.all_off() {
+            return Ok(Cow::Borrowed(text));
+        }
+        let mut out: Option<String> = None;
+        let mut copied = 0;
+        for cluster in pii::clusters(text) {
+            for (range, kind) in pii::find_in_cluster(&text[cluster.clone()]) {
+                match self.action(kind) {
+                    Action::Off => {}
+                    Action::Reject => return Err(kind),
+                    Action::Redact => {
+                        let start = cluster.start + range.start;
+                        let o = out.get_or_insert_with(|| String::with_capacity(text.len()));
+                        o.push_str(&text[copied..start]);
+                        o.push_str(kind.placeholder());
+                        copied = cluster.start + range.end;
+                    }
+                }
+            }
+        }
+        Ok(match out {
+            Some(mut o) => {
+                o.push_str(&text[copied..]);
+                Cow::Owned(o)
+            }
+            None => Cow::Borrowed(text),
+        })
+    }
+}
+
+/// The plugin's configuration. Every field is optional.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Most texts in one embeddings request (OpenAI allows 2048).
+    pub max_texts: usize,
+    /// Most messages in one chat request.
+    pub max_messages: usize,
+    /// Most bytes in one text, message or prompt.
+    pub max_text_bytes: usize,
+    /// What to do with personal data in inputs.
+    pub input: PiiPolicy,
+    /// What to do with personal data in generated output.
+    pub output: PiiPolicy,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            max_texts: 2048,
+            max_messages: 1024,
+            max_text_bytes: 256 * 1024,
+            input: PiiPolicy::default(),
+            output: PiiPolicy::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Parse the plugin configuration (`{}` gives the defaults).
+    pub fn from_json(json: &str) -> Result<Self, String> {
+        let config: Config =
+            serde_json::from_str(json).map_err(|e| format!("invalid configuration: {e}"))?;
+        if config.max_texts == 0 || config.max_messages == 0 || config.max_text_bytes == 0 {
+            return Err("max_texts, max_messages and max_text_bytes must be positive".into());
+        }
+        Ok(config)
+    }
+}
+
+/// A refusal, before it is turned into the WIT type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    /// HTTP status (400 or 413).
+    pub status: u16,
+    /// Machine-readable code.
+    pub code: &'static str,
+    /// Message naming the offending input.
+    pub message: String,
+}
+
+impl Refused {
+    fn bad(code: &'static str, message: String) -> Self {
+        Self {
+            status: 400,
+            code,
+            message,
+        }
+    }
+}
+
+/// Why a text is refused outright, whatever the PII policy: NUL, ANSI escapes and other
+/// control characters except tab, line feed and carriage return.
+pub fn forbidden_character(text: &str) -> Option<String> {
+    let (at, c) = text
+        .char_indices()
+        .find(|&(_, c)| c.is_control() && !matches!(c, '\t' | '\n' | '\r'))?;
+    Some(match c {
+        '\0' => format!("contains a NUL character at byte {at}"),
+        '\u{1b}' => format!("contains an ANSI escape sequence at byte {at}"),
+        c => format!(
+            "contains control character U+{:04X} at byte {at}",
+            u32::from(c)
+        ),
+    })
+}
+
+impl Config {
+    /// Check one text, named `name` in messages (`input[3]`, `messages[0].content`).
+    /// Returns the rewritten text when redaction changed it.
+    pub fn check_text(&self, name: &str, text: &str) -> Result<Option<String>, Refused> {
+        if text.len() > self.max_text_bytes {
+            return Err(Refused::bad(
+                "input_too_long",
+                format!(
+                    "{name} is {} bytes long; at most {} are allowed",
+                    text.len(),
+                    self.max_text_bytes
+                ),
+            ));
+        }
+        if let Some(why) = forbidden_character(text) {
+            return Err(Refused::bad("invalid_characters", format!("{name} {why}")));
+        }
+        match self.input.apply(text) {
+            Ok(Cow::Borrowed(_)) => Ok(None),
+            Ok(Cow::Owned(redacted)) => Ok(Some(redacted)),
+            Err(kind) => Err(Refused::bad(
+                "personal_data",
+                format!(
+                    "{name} contains {}, which this server does not accept",
+                    kind.name()
+                ),
+            )),
+        }
+    }
+
+    /// Check a list of texts (embedding inputs or a prompt). `Ok(None)`: pass unchanged.
+    pub fn check_texts(
+        &self,
+        names: impl Fn(usize) -> String,
+        texts: &[String],
+    ) -> Result<Option<Vec<String>>, Refused> {
+        if texts.len() > self.max_texts {
+            return Err(Refused::bad(
+                "too_many_inputs",
+                format!(
+                    "{} inputs given; at most {} are allowed",
+                    texts.len(),
+                    self.max_texts
+                ),
+            ));
+        }
+        let mut rewritten: Option<Vec<String>> = None;
+        for (i, text) in texts.iter().enumerate() {
+            if let Some(new) = self.check_text(&names(i), text)? {
+                rewritten.get_or_insert_with(|| texts.to_vec())[i] = new;
+            }
+        }
+        Ok(rewritten)
+    }
+
+    /// Check chat messages' contents. `Ok(None)`: pass unchanged.
+    pub fn check_messages(&self, contents: &[&str]) -> Result<Option<Vec<String>>, Refused> {
+        if contents.len() > self.max_messages {
+            return Err(Refused::bad(
+                "too_many_messages",
+                format!(
+                    "{} messages given; at most {} are allowed",
+                    contents.len(),
+                    self.max_messages
+                ),
+            ));
+        }
+        let mut rewritten: Option<Vec<String>> = None;
+        for (i, text) in contents.iter().enumerate() {
+            if let Some(new) = self.check_text(&format!("messages[{i}].content"), text)? {
+                let r = rewritten
+                    .get_or_insert_with(|| contents.iter().map(|s| s.to_string()).collect());
+                r[i] = new;
+            }
+        }
+        Ok(rewritten)
+    }
+}
+
+/// Most text held back while a cluster is still open. A longer cluster is released as it
+/// is (redacted as far as it can be judged); this bounds the filter's memory.
+pub const MAX_HELD_BYTES: usize = 4096;
+
+/// Streaming output redaction: holds back only the trailing cluster that more text could
+/// still turn into (or extend) a secret.
+#[derive(Debug)]
+pub struct StreamFilter {
+    policy: PiiPolicy,
+    pending: String,
+}
+
+impl StreamFilter {
+    /// A filter applying `policy`.
+    pub fn new(policy: PiiPolicy) -> Self {
+        Self {
+            policy,
+            pending: String::new(),
+        }
+    }
+
+    fn refuse(kind: PiiKind) -> Refused {
+        Refused::bad(
+            "personal_data_in_output",
+            format!(
+                "the response was stopped because it contained {}",
+                kind.name()
+            ),
+        )
+    }
+
+    /// Feed a chunk; returns what may be released now.
+    pub fn push(&mut self, chunk: &str) -> Result<String, Refused> {
+        self.pending.push_str(chunk);
+        let mut cut = pii::open_tail_start(&self.pending);
+        if self.pending.len() - cut > MAX_HELD_BYTES {
+            cut = self.pending.len();
+        }
+        let ready = self
+            .policy
+            .apply(&self.pending[..cut])
+            .map_err(Self::refuse)?
+            .into_owned();
+        self.pending.drain(..cut);
+        Ok(ready)
+    }
+
+    /// The stream ended: release the rest.
+    pub fn finish(&mut self) -> Result<String, Refused> {
+        let rest = std::mem::take(&mut self.pending);
+        Ok(self.policy.apply(&rest).map_err(Self::refuse)?.into_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(json: &str) -> Config {
+        Config::from_json(json).expect("valid config")
+    }
+
+    #[test]
+    fn defaults_allow_2048_texts() {
+        let c = config("{}");
+        let texts = vec!["a".to_string(); 2048];
+        assert_eq!(c.check_texts(|i| format!("input[{i}]"), &texts), Ok(None));
+        let texts = vec!["a".to_string(); 2049];
+        let err = c
+            .check_texts(|i| format!("input[{i}]"), &texts)
+            .unwrap_err();
+        assert_eq!(err.code, "too_many_inputs");
+    }
+
+    #[test]
+    fn refuses_control_characters_naming_the_input() {
+        let c = config("{}");
+        let texts = vec!["fine".to_string(), "bad\u{0}".to_string()];
+        let err = c
+            .check_texts(|i| format!("input[{i}]"), &texts)
+            .unwrap_err();
+        assert_eq!(err.status, 400);
+        assert_eq!(err.message, "input[1] contains a NUL character at byte 3");
+        let err = c.check_text("prompt", "red \u{1b}[31m").unwrap_err();
+        assert!(err.message.contains("ANSI escape"), "{}", err.message);
+        let err = c.check_text("prompt", "bell \u{7}").unwrap_err();
+        assert!(err.message.contains("U+0007"), "{}", err.message);
+        let err = c.check_text("prompt", "c1 \u{85}").unwrap_err();
+        assert!(err.message.contains("U+0085"), "{}", err.message);
+        assert_eq!(c.check_text("prompt", "tab\tnl\ncr\r ünïcödé ✓"), Ok(None));
+    }
+
+    #[test]
+    fn enforces_text_length() {
+        let c = config(r#"{"max_text_bytes": 4}"#);
+        assert_eq!(c.check_text("input[0]", "abcd"), Ok(None));
+        let err = c.check_text("input[0]", "abcde").unwrap_err();
+        assert_eq!(
+            err.message,
+            "input[0] is 5 bytes long; at most 4 are allowed"
+        );
+    }
+
+    #[test]
+    fn redacts_inputs_by_default() {
+        let c = config("{}");
+        let out = c
+            .check_text("input[0]", "mail bob@example.org or 555-123-4567")
+            .unwrap();
+        assert_eq!(out.as_deref(), Some("mail [EMAIL] or [PHONE]"));
+    }
+
+    #[test]
+    fn policies_per_kind() {
+        let c = config(r#"{"input": {"email": "reject", "card": "off"}}"#);
+        let err = c.check_text("input[2]", "bob@example.org").unwrap_err();
+        assert_eq!(err.code, "personal_data");
+        assert!(
+            err.message
+                .starts_with("input[2] contains an e-mail address")
+        );
+        assert_eq!(c.check_text("input[0]", "4111 1111 1111 1111"), Ok(None));
+        assert!(Config::from_json(r#"{"input": {"email": "maybe"}}"#).is_err());
+        assert!(
+            Config::from_json(r#"{"max_text": 1}"#)
+                .unwrap_err()
+                .contains("unknown field")
+        );
+    }
+
+    #[test]
+    fn messages_are_named_by_index() {
+        let c = config("{}");
+        let err = c.check_messages(&["hi", "x\u{1b}"]).unwrap_err();
+        assert!(
+            err.message.starts_with("messages[1].content"),
+            "{}",
+            err.message
+        );
+        let out = c.check_messages(&["hi", "ssn 123-45-6789"]).unwrap();
+        assert_eq!(out, Some(vec!["hi".to_string(), "ssn [SSN]".to_string()]));
+    }
+
+    fn stream(policy: PiiPolicy, chunks: &[&str]) -> Result<String, Refused> {
+        let mut f = StreamFilter::new(policy);
+        let mut out = String::new();
+        for c in chunks {
+            out.push_str(&f.push(c)?);
+        }
+        out.push_str(&f.finish()?);
+        Ok(out)
+    }
+
+    #[test]
+    fn stream_redacts_secrets_split_across_chunks() {
+        let p = PiiPolicy::default();
+        let out = stream(
+            p,
+            &[
+                "Write to jo",
+                "hn.doe@exa",
+                "mple.com or call 555-",
+                "123-4567.",
+            ],
+        );
+        assert_eq!(out.unwrap(), "Write to [EMAIL] or call [PHONE].");
+        let out = stream(p, &["card 4111 ", "1111 1111 11", "11 thanks"]);
+        assert_eq!(out.unwrap(), "card [CARD] thanks");
+    }
+
+    #[test]
+    fn stream_equals_whole_text_for_every_split() {
+        let p = PiiPolicy::default();
+        let text = "Hi! Mail a.b@example.com, card 4111-1111-1111-1111, ssn 123-45-6789, \
+                    tel +1 (555) 123-4567; pi 3.14159 and ünïcödé.";
+        let whole = p.apply(text).unwrap().into_owned();
+        let cuts: Vec<usize> = (0..=text.len())
+            .filter(|&i| text.is_char_boundary(i))
+            .collect();
+        for &a in &cuts {
+            for &b in cuts.iter().filter(|&&b| b >= a).step_by(7) {
+                let out = stream(p, &[&text[..a], &text[a..b], &text[b..]]).unwrap();
+                assert_eq!(out, whole, "cuts at {a}, {b}");
+            }
+        }
+        // One character at a time.
+        let chars: Vec<String> = text.chars().map(String::from).collect();
+        let refs: Vec<&str> = chars.iter().map(String::as_str).collect();
+        assert_eq!(stream(p, &refs).unwrap(), whole);
+    }
+
+    #[test]
+    fn stream_holds_back_only_the_open_tail() {
+        let mut f = StreamFilter::new(PiiPolicy::default());
+        assert_eq!(
+            f.push("Hello there, my friend").unwrap(),
+            "Hello there, my "
+        );
+        assert_eq!(f.push("! How").unwrap(), "friend! ");
+        assert_eq!(f.finish().unwrap(), "How");
+    }
+
+    #[test]
+    fn stream_reject_policy_aborts() {
+        let p = PiiPolicy {
+            ssn: Action::Reject,
+            ..PiiPolicy::default()
+        };
+        let err = stream(p, &["ssn 123-4", "5-6789 ok"]).unwrap_err();
+        assert_eq!(err.code, "personal_data_in_output");
+    }
+
+    #[test]
+    fn stream_memory_is_bounded() {
+        let mut f = StreamFilter::new(PiiPolicy::default());
+        let long = "x".repeat(MAX_HELD_BYTES + 10);
+        assert_eq!(f.push(&long).unwrap().len(), long.len());
+    }
+}

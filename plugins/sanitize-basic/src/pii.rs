@@ -1,0 +1,386 @@
+//! Detection of e-mail addresses, phone numbers, card numbers and US SSNs.
+//!
+//! Text is split into *clusters*: maximal runs of characters a secret can be made of
+//! (letters, digits, `._%+-@()`, and a single space between digit groups). Every secret lies
+//! inside one cluster, and whether a piece of a cluster is a secret depends on that cluster
+//! alone. So redacting text cluster by cluster gives the same result however the text is cut,
+//! provided no cut falls inside a cluster; the stream filter relies on exactly that.
+
+#![forbid(unsafe_code)]
+
+use std::ops::Range;
+
+/// What kind of personal data a match is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PiiKind {
+    /// An e-mail address.
+    Email,
+    /// A phone number.
+    Phone,
+    /// A payment card number (Luhn-valid).
+    Card,
+    /// A US social security number.
+    Ssn,
+}
+
+impl PiiKind {
+    /// Replacement text.
+    pub fn placeholder(self) -> &'static str {
+        match self {
+            PiiKind::Email => "[EMAIL]",
+            PiiKind::Phone => "[PHONE]",
+            PiiKind::Card => "[CARD]",
+            PiiKind::Ssn => "[SSN]",
+        }
+    }
+
+    /// Human-readable name, for refusals.
+    pub fn name(self) -> &'static str {
+        match self {
+            PiiKind::Email => "an e-mail address",
+            PiiKind::Phone => "a phone number",
+            PiiKind::Card => "a card number",
+            PiiKind::Ssn => "a US social security number",
+        }
+    }
+}
+
+fn is_cluster_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '%' | '+' | '-' | '@' | '(' | ')')
+}
+
+/// A space continues a cluster only between digit groups (`4111 1111`, `(555) 123`).
+fn space_joins(prev: Option<char>, next: Option<char>) -> bool {
+    matches!(prev, Some(c) if c.is_ascii_digit() || c == ')')
+        && matches!(next, Some(c) if c.is_ascii_digit() || c == '(' || c == '+')
+}
+
+/// Byte ranges of the clusters of `text`, in order.
+pub fn clusters(text: &str) -> Vec<Range<usize>> {
+    let mut out = Vec::new();
+    let mut start: Option<usize> = None;
+    let mut prev: Option<char> = None;
+    let mut chars = text.char_indices().peekable();
+    while let Some((i, c)) = chars.next() {
+        let next = chars.peek().map(|&(_, n)| n);
+        let inside = is_cluster_char(c) || (c == ' ' && start.is_some() && space_joins(prev, next));
+        match (inside, start) {
+            (true, None) => start = Some(i),
+            (false, Some(s)) => {
+                out.push(s..i);
+                start = None;
+            }
+            _ => {}
+        }
+        prev = Some(c);
+    }
+    if let Some(s) = start {
+        out.push(s..text.len());
+    }
+    out
+}
+
+/// Where the text after the last *closed* cluster begins: everything before it is final,
+/// everything from it on may still change as more text is appended. For text ending in a
+/// cluster character, or a space that could join two digit groups, that is the start of
+/// the trailing cluster; otherwise it is the end of the text.
+pub fn open_tail_start(text: &str) -> usize {
+    let mut cut = text.len();
+    let mut next: Option<char> = None;
+    let mut rev = text.char_indices().rev().peekable();
+    while let Some((i, c)) = rev.next() {
+        let prev = rev.peek().map(|&(_, p)| p);
+        let at_end = i + c.len_utf8() == text.len();
+        let joins = c == ' '
+            && matches!(prev, Some(p) if p.is_ascii_digit() || p == ')')
+            && (at_end || space_joins(prev, next));
+        if is_cluster_char(c) || joins {
+            cut = i;
+            next = Some(c);
+        } else {
+            break;
+        }
+    }
+    cut
+}
+
+/// All secrets inside one cluster, as byte ranges relative to the cluster, in order and
+/// non-overlapping.
+pub fn find_in_cluster(cluster: &str) -> Vec<(Range<usize>, PiiKind)> {
+    let mut found: Vec<(Range<usize>, PiiKind)> = emails(cluster);
+    for (range, kind) in digit_secrets(cluster) {
+        if !found
+            .iter()
+            .any(|(r, _)| r.start < range.end && range.start < r.end)
+        {
+            found.push((range, kind));
+        }
+    }
+    found.sort_by_key(|(r, _)| r.start);
+    found
+}
+
+fn is_local_char(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'%' | b'+' | b'-')
+}
+
+fn is_domain_char(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-')
+}
+
+fn emails(s: &str) -> Vec<(Range<usize>, PiiKind)> {
+    let b = s.as_bytes();
+    let mut out = Vec::new();
+    let mut from = 0;
+    for at in memchr_all(b, b'@') {
+        if at < from {
+            continue;
+        }
+        let mut start = at;
+        while start > from && is_local_char(b[start - 1]) {
+            start -= 1;
+        }
+        while start < at && b[start] == b'.' {
+            start += 1;
+        }
+        let mut end = at + 1;
+        while end < b.len() && is_domain_char(b[end]) {
+            end += 1;
+        }
+        while end > at + 1 && matches!(b[end - 1], b'.' | b'-') {
+            end -= 1;
+        }
+        let domain = &s[at + 1..end];
+        let tld_ok = domain.rsplit_once('.').is_some_and(|(host, tld)| {
+            !host.is_empty() && tld.len() >= 2 && tld.bytes().all(|c| c.is_ascii_alphabetic())
+        });
+        if start < at && tld_ok {
+            out.push((start..end, PiiKind::Email));
+            from = end;
+        }
+    }
+    out
+}
+
+fn memchr_all(b: &[u8], needle: u8) -> impl Iterator<Item = usize> + '_ {
+    b.iter()
+        .enumerate()
+        .filter(move |&(_, &c)| c == needle)
+        .map(|(i, _)| i)
+}
+
+/// A run of digit blocks joined by short separators, e.g. `+1 (555) 123-4567`.
+struct DigitRun {
+    range: Range<usize>,
+    digits: Vec<u8>,
+    blocks: Vec<usize>,
+    separators: Vec<String>,
+    plus: bool,
+}
+
+fn is_sep(b: u8) -> bool {
+    matches!(b, b' ' | b'-' | b'.' | b'(' | b')')
+}
+
+fn digit_runs(s: &str) -> Vec<DigitRun> {
+    let b = s.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        // A run starts at a digit, `+digit` or `(digit`, not glued to a letter or digit.
+        let start = i;
+        let mut j = i;
+        let plus = b[j] == b'+';
+        if plus || b[j] == b'(' {
+            j += 1;
+        }
+        let glued = start > 0 && b[start - 1].is_ascii_alphanumeric();
+        if j >= b.len() || !b[j].is_ascii_digit() || glued {
+            i += 1;
+            continue;
+        }
+        let mut run = DigitRun {
+            range: start..start,
+            digits: Vec::new(),
+            blocks: Vec::new(),
+            separators: Vec::new(),
+            plus,
+        };
+        loop {
+            let block_start = j;
+            while j < b.len() && b[j].is_ascii_digit() {
+                run.digits.push(b[j] - b'0');
+                j += 1;
+            }
+            run.blocks.push(j - block_start);
+            run.range.end = j;
+            // Up to two separator characters, then another block.
+            let mut k = j;
+            while k < b.len() && k - j < 2 && is_sep(b[k]) {
+                k += 1;
+            }
+            if k > j && k < b.len() && b[k].is_ascii_digit() {
+                run.separators.push(s[j..k].to_string());
+                j = k;
+            } else {
+                break;
+            }
+        }
+        // A trailing `)` closes a `(555)` group.
+        if b.get(run.range.end) == Some(&b')') && b[start..run.range.end].contains(&b'(') {
+            run.range.end += 1;
+        }
+        let glued_after = b
+            .get(run.range.end)
+            .is_some_and(|c| c.is_ascii_alphanumeric());
+        i = run.range.end.max(start + 1);
+        if !glued_after {
+            out.push(run);
+        }
+    }
+    out
+}
+
+fn luhn(digits: &[u8]) -> bool {
+    let sum: u32 = digits
+        .iter()
+        .rev()
+        .enumerate()
+        .map(|(i, &d)| {
+            let d = u32::from(d);
+            if i % 2 == 1 {
+                let x = d * 2;
+                if x > 9 { x - 9 } else { x }
+            } else {
+                d
+            }
+        })
+        .sum();
+    sum.is_multiple_of(10)
+}
+
+fn classify(run: &DigitRun, text: &str) -> Option<PiiKind> {
+    let n = run.digits.len();
+    let seps_are = |allowed: &[&str]| run.separators.iter().all(|s| allowed.contains(&s.as_str()));
+    if run.blocks == [3, 2, 4] && seps_are(&["-"]) && !run.plus && !text.starts_with('(') {
+        let area = &run.digits[0..3];
+        let group = &run.digits[3..5];
+        let serial = &run.digits[5..9];
+        let valid = area != [0, 0, 0]
+            && area != [6, 6, 6]
+            && area[0] != 9
+            && group != [0, 0]
+            && serial != [0, 0, 0, 0];
+        return valid.then_some(PiiKind::Ssn);
+    }
+    if (13..=19).contains(&n) && !run.plus && seps_are(&[" ", "-"]) && luhn(&run.digits) {
+        return Some(PiiKind::Card);
+    }
+    let ipv4_like = run.blocks.len() == 4 && seps_are(&["."]);
+    let short_blocks = run.blocks.iter().all(|&b| b <= 4);
+    let separated = !run.separators.is_empty();
+    if (10..=15).contains(&n) && !ipv4_like && (run.plus || (separated && short_blocks)) {
+        return Some(PiiKind::Phone);
+    }
+    None
+}
+
+fn digit_secrets(s: &str) -> Vec<(Range<usize>, PiiKind)> {
+    digit_runs(s)
+        .into_iter()
+        .filter_map(|run| classify(&run, &s[run.range.clone()]).map(|k| (run.range, k)))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kinds(text: &str) -> Vec<(String, PiiKind)> {
+        clusters(text)
+            .into_iter()
+            .flat_map(|c| {
+                let cluster = &text[c.clone()];
+                find_in_cluster(cluster)
+                    .into_iter()
+                    .map(move |(r, k)| (cluster[r].to_string(), k))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn finds_emails() {
+        assert_eq!(
+            kinds("mail john.doe+x@mail.example.com, please."),
+            [("john.doe+x@mail.example.com".to_string(), PiiKind::Email)]
+        );
+        assert!(kinds("an @ sign, user@localhost, a@b.c").is_empty());
+    }
+
+    #[test]
+    fn finds_cards_only_when_luhn_valid() {
+        assert_eq!(kinds("card 4111 1111 1111 1111 ok")[0].1, PiiKind::Card);
+        assert_eq!(kinds("card 4111-1111-1111-1111")[0].1, PiiKind::Card);
+        assert_eq!(kinds("5500005555555559")[0].1, PiiKind::Card);
+        assert!(
+            kinds("4111 1111 1111 1112")
+                .iter()
+                .all(|(_, k)| *k != PiiKind::Card)
+        );
+    }
+
+    #[test]
+    fn finds_ssns_with_valid_ranges() {
+        assert_eq!(
+            kinds("ssn 123-45-6789.")[0],
+            ("123-45-6789".into(), PiiKind::Ssn)
+        );
+        assert!(kinds("000-12-3456 666-12-3456 900-12-3456 123-00-4567").is_empty());
+    }
+
+    #[test]
+    fn finds_phone_numbers() {
+        for p in [
+            "+1 (555) 123-4567",
+            "555-123-4567",
+            "555.123.4567",
+            "+44 20 7946 0958",
+        ] {
+            let found = kinds(&format!("call {p} now"));
+            assert_eq!(found, [(p.to_string(), PiiKind::Phone)], "{p}");
+        }
+        assert_eq!(kinds("+15551234567")[0].1, PiiKind::Phone);
+    }
+
+    #[test]
+    fn leaves_ordinary_numbers_alone() {
+        for t in [
+            "in 2024-01-15 at 12:30",
+            "pi is 3.14159265358979",
+            "host 192.168.100.200",
+            "version 1.2.3",
+            "order 5551234567",
+            "hash a3f5551234567890b",
+            "call 555-1234",
+        ] {
+            assert!(kinds(t).is_empty(), "{t}: {:?}", kinds(t));
+        }
+    }
+
+    #[test]
+    fn clusters_join_digit_groups_only() {
+        let t = "hi 4111 1111 x (555) 123 y";
+        let cs: Vec<&str> = clusters(t).into_iter().map(|r| &t[r]).collect();
+        assert_eq!(cs, ["hi", "4111 1111", "x", "(555) 123", "y"]);
+    }
+
+    #[test]
+    fn open_tail_holds_what_may_still_grow() {
+        assert_eq!(open_tail_start("mail john"), 5);
+        assert_eq!(open_tail_start("mail john "), 10);
+        assert_eq!(open_tail_start("card 4111 "), 5);
+        assert_eq!(open_tail_start("card 4111 1111"), 5);
+        assert_eq!(open_tail_start("done! "), 6);
+        assert_eq!(open_tail_start(""), 0);
+    }
+}

@@ -1,0 +1,167 @@
+//! Helpers for the end-to-end tests: a real Warden on `127.0.0.1:0` with the real plugin
+//! components (built by `build.rs`) and the real models, and a real HTTP client.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use warden::Server;
+use warden::config::{Config, Secret};
+use warden::plugins::{Limits, PluginSource, Slot};
+
+/// Where `build.rs` put the components (`auth-api-key.wasm`, ..., `misbehave.wasm`).
+pub const PLUGIN_DIR: &str = env!("WARDEN_TEST_PLUGIN_DIR");
+
+/// The inference key every test server accepts.
+pub const INFERENCE_KEY: &str = "test-inference-key-4c1d";
+/// The metrics key every test server accepts.
+pub const METRICS_KEY: &str = "test-metrics-key-9f2e";
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("WARDEN_TEST_ROOT"))
+}
+
+/// The models directory; `make models` fills it.
+pub fn models_dir() -> PathBuf {
+    let dir =
+        std::env::var_os("WARDEN_MODELS_DIR").map_or_else(|| root().join("models"), PathBuf::from);
+    assert!(
+        dir.join(warden::EMBEDDING_MODEL)
+            .join("model.safetensors")
+            .is_file(),
+        "models are missing: run `make models` (make test does)"
+    );
+    dir
+}
+
+/// A test configuration: loopback, ephemeral port, the two test keys.
+pub fn config() -> Config {
+    Config {
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        models_dir: models_dir(),
+        plugin_dir: PathBuf::from(PLUGIN_DIR),
+        api_key: Some(Secret::new(INFERENCE_KEY)),
+        metrics_api_key: Some(Secret::new(METRICS_KEY)),
+        ..Config::default()
+    }
+}
+
+/// A component from `PLUGIN_DIR` as a plugin source.
+pub fn source(slot: Slot, name: &str, config: serde_json::Value) -> PluginSource {
+    let path = PathBuf::from(PLUGIN_DIR).join(format!("{name}.wasm"));
+    PluginSource::from_file(slot, &path, None, config.to_string(), Limits::default())
+        .expect("fixture component")
+}
+
+/// A running server and a client for it.
+pub struct TestServer {
+    /// The server.
+    pub server: Server,
+    /// `http://127.0.0.1:PORT`.
+    pub base: String,
+    /// A client with no default headers.
+    pub client: reqwest::Client,
+}
+
+/// Start a server and wait until it is ready.
+pub async fn start(config: Config) -> TestServer {
+    let server = Server::start(config).await.expect("server starts");
+    tokio::time::timeout(Duration::from_secs(120), server.ready())
+        .await
+        .expect("ready in time")
+        .expect("loads");
+    let base = format!("http://{}", server.addr());
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .build()
+        .expect("client");
+    TestServer {
+        server,
+        base,
+        client,
+    }
+}
+
+/// A response, read whole.
+#[derive(Debug)]
+pub struct Reply {
+    /// Status.
+    pub status: u16,
+    /// Headers.
+    pub headers: reqwest::header::HeaderMap,
+    /// Body text.
+    pub text: String,
+}
+
+impl Reply {
+    /// The body as JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.text).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text))
+    }
+
+    /// Assert an OpenAI-style error with this status; returns the `error` object.
+    pub fn error(&self, status: u16) -> serde_json::Value {
+        assert_eq!(self.status, status, "body: {}", self.text);
+        let e = self.json()["error"].clone();
+        assert!(
+            e["message"].is_string() && e["type"].is_string(),
+            "error shape: {}",
+            self.text
+        );
+        assert!(
+            e.get("param").is_some() && e.get("code").is_some(),
+            "error shape: {}",
+            self.text
+        );
+        assert!(
+            !self.text.contains("/work/") && !self.text.contains(".rs:"),
+            "leak: {}",
+            self.text
+        );
+        e
+    }
+}
+
+impl TestServer {
+    /// Full URL of `path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// Send a request and read the reply.
+    pub async fn send(&self, request: reqwest::RequestBuilder) -> Reply {
+        let response = request.send().await.expect("request");
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let text = response.text().await.expect("body");
+        Reply {
+            status,
+            headers,
+            text,
+        }
+    }
+
+    /// POST JSON with an optional bearer key.
+    pub async fn post(&self, path: &str, key: Option<&str>, body: &serde_json::Value) -> Reply {
+        let mut r = self.client.post(self.url(path)).json(body);
+        if let Some(k) = key {
+            r = r.bearer_auth(k);
+        }
+        self.send(r).await
+    }
+
+    /// GET with an optional bearer key.
+    pub async fn get(&self, path: &str, key: Option<&str>) -> Reply {
+        let mut r = self.client.get(self.url(path));
+        if let Some(k) = key {
+            r = r.bearer_auth(k);
+        }
+        self.send(r).await
+    }
+
+    /// POST to `/v1/embeddings` with the inference key.
+    pub async fn embed(&self, body: serde_json::Value) -> Reply {
+        self.post("/v1/embeddings", Some(INFERENCE_KEY), &body)
+            .await
+    }
+}

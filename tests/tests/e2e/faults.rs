@@ -1,0 +1,187 @@
+//! Misbehaving plugins: auth and sanitizer fail closed (503) within the deadline plus a small
+//! margin, the metrics policy fails open, every fault is counted once, and the next request
+//! with a good plugin succeeds. Bad plugins are refused at load and the live set stays.
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use warden::plugins::{LoadError, Slot};
+use warden_tests::{config, source, start};
+
+/// Deadline (10 ms by default) plus a margin for a loaded 2-core machine.
+const BOUND: Duration = Duration::from_millis(10 + 300);
+
+const MODES: [(&str, &str); 5] = [
+    ("loop", "deadline"),
+    ("memory", "memory"),
+    ("trap", "trap"),
+    ("panic", "trap"),
+    ("garbage", "malformed"),
+];
+
+fn good(slot: Slot) -> &'static str {
+    match slot {
+        Slot::Auth => "auth-api-key",
+        Slot::Sanitizer => "sanitize-basic",
+        Slot::MetricsPolicy => "metrics-policy-basic",
+    }
+}
+
+#[tokio::test]
+async fn every_fault_in_every_slot_is_contained() {
+    let t = start(config()).await;
+    let services = t.server.state().services().unwrap();
+    let metrics = &t.server.state().metrics;
+    let body = json!({"model": "all-MiniLM-L6-v2", "input": "hello"});
+    let auth_config = warden::keys::auth_plugin_config(&config()).unwrap();
+    let good_config = |slot: Slot| match slot {
+        Slot::Auth => serde_json::from_str(&auth_config).unwrap(),
+        _ => json!({}),
+    };
+
+    for slot in [Slot::Auth, Slot::Sanitizer, Slot::MetricsPolicy] {
+        for (mode, kind) in MODES {
+            services
+                .plugins
+                .replace(&source(slot, "misbehave", json!({"mode": mode})))
+                .unwrap();
+            let before = metrics.fault_count(slot.as_str(), kind);
+            let started = Instant::now();
+            let r = t.embed(body.clone()).await;
+            let took = started.elapsed();
+            match slot {
+                Slot::MetricsPolicy => assert_eq!(r.status, 200, "{slot} {mode}: {}", r.text),
+                _ => {
+                    let e = r.error(503);
+                    assert_eq!(e["code"], "policy_unavailable", "{slot} {mode}");
+                    assert!(
+                        !r.text.contains("misbehave") && !r.text.contains(kind),
+                        "{}",
+                        r.text
+                    );
+                    assert!(r.headers.contains_key("retry-after"));
+                    assert!(took < BOUND, "{slot} {mode} took {took:?}");
+                }
+            }
+            assert_eq!(
+                metrics.fault_count(slot.as_str(), kind),
+                before + 1,
+                "{slot} {mode}"
+            );
+
+            services
+                .plugins
+                .replace(&source(slot, good(slot), good_config(slot)))
+                .unwrap();
+            let r = t.embed(body.clone()).await;
+            assert_eq!(r.status, 200, "after {slot} {mode}: {}", r.text);
+        }
+    }
+    t.server.shutdown().await;
+}
+
+#[tokio::test]
+async fn bad_plugins_are_refused_at_load_and_the_live_set_stays() {
+    let t = start(config()).await;
+    let plugins = &t.server.state().services().unwrap().plugins;
+    let body = json!({"model": "all-MiniLM-L6-v2", "input": "hello"});
+
+    let err = plugins
+        .replace(&source(
+            Slot::Sanitizer,
+            "misbehave",
+            json!({"mode": "bad-config"}),
+        ))
+        .unwrap_err();
+    assert!(matches!(err, LoadError::Configure { .. }), "{err}");
+    assert!(
+        err.to_string()
+            .contains("this fixture refuses its configuration"),
+        "{err}"
+    );
+
+    let err = plugins
+        .replace(&source(
+            Slot::Sanitizer,
+            "sanitize-basic",
+            json!({"max_texts": "many"}),
+        ))
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("rejected its configuration: invalid configuration"),
+        "{err}"
+    );
+
+    // A sanitizer in the auth slot does not implement the auth world.
+    let err = plugins
+        .replace(&source(Slot::Auth, "sanitize-basic", json!({})))
+        .unwrap_err();
+    assert!(matches!(err, LoadError::World { .. }), "{err}");
+    assert!(
+        err.to_string().contains("warden:policy/auth-plugin"),
+        "{err}"
+    );
+
+    let mut pinned = source(Slot::MetricsPolicy, "metrics-policy-basic", json!({}));
+    pinned.expected_sha256 = Some("00".repeat(32));
+    let err = plugins.replace(&pinned).unwrap_err();
+    assert!(err.to_string().contains("sha256 mismatch"), "{err}");
+
+    let mut garbage = source(Slot::Auth, "auth-api-key", json!({}));
+    garbage.bytes = b"\0asm not really".to_vec().into();
+    let err = plugins.replace(&garbage).unwrap_err();
+    assert!(matches!(err, LoadError::Invalid { .. }), "{err}");
+
+    assert!(!err.to_string().contains(warden_tests::PLUGIN_DIR), "{err}");
+    let r = t.embed(body).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    t.server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_misconfigured_plugin_stops_start_up_with_a_clear_error() {
+    let mut c = config();
+    c.plugins.sanitizer.config = json!({"unknown_option": 1}).as_object().unwrap().clone();
+    let server = warden::Server::start(c).await.unwrap();
+    let err = server.ready().await.unwrap_err();
+    assert!(
+        err.contains("sanitizer plugin `sanitize-basic` rejected its configuration"),
+        "{err}"
+    );
+    let r = reqwest::get(format!("http://{}/ready", server.addr()))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    server.shutdown().await;
+
+    let mut c = config();
+    c.plugin_dir = std::env::temp_dir().join("warden-nowhere");
+    let server = warden::Server::start(c).await.unwrap();
+    let err = server.ready().await.unwrap_err();
+    assert_eq!(err, "auth plugin file not found: auth-api-key.wasm");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_deadline_fires_and_a_memory_cap_holds_when_configured_lower() {
+    let mut c = config();
+    c.plugins.sanitizer.deadline_ms = 50;
+    c.plugins.sanitizer.memory_mib = 4;
+    let t = start(c).await;
+    let services = t.server.state().services().unwrap();
+    let mut looping = source(Slot::Sanitizer, "misbehave", json!({"mode": "loop"}));
+    looping.limits.deadline = Duration::from_millis(50);
+    services.plugins.replace(&looping).unwrap();
+    let started = Instant::now();
+    let r = t
+        .embed(json!({"model": "all-MiniLM-L6-v2", "input": "x"}))
+        .await;
+    let took = started.elapsed();
+    r.error(503);
+    assert!(
+        took >= Duration::from_millis(50) && took < Duration::from_millis(50 + 300),
+        "{took:?}"
+    );
+    t.server.shutdown().await;
+}

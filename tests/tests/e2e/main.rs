@@ -1,0 +1,11 @@
+//! End-to-end tests: a real server on 127.0.0.1:0, the real plugin components and models.
+
+// Test helpers outside `#[test]` functions may unwrap: a failure is a test failure.
+#![allow(clippy::unwrap_used)]
+
+mod auth;
+mod bad_input;
+mod embeddings;
+mod faults;
+mod openai_client;
+mod sanitizer;

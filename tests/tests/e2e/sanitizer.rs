@@ -1,0 +1,150 @@
+//! The sanitizer plugin: refusals that name the input, redaction in inputs and outputs.
+
+use serde_json::json;
+use warden::plugins::{InputKind, Slot};
+use warden_tests::{config, source, start};
+
+#[tokio::test]
+async fn control_characters_are_refused_naming_the_input() {
+    let t = start(config()).await;
+    let r = t
+        .embed(json!({"model": "all-MiniLM-L6-v2", "input": ["fine", "nul\u{0}byte"]}))
+        .await;
+    let e = r.error(400);
+    assert_eq!(e["code"], "invalid_characters");
+    assert_eq!(e["message"], "input[1] contains a NUL character at byte 3");
+    let r = t
+        .embed(json!({"model": "all-MiniLM-L6-v2", "input": "red \u{1b}[31m text"}))
+        .await;
+    assert!(
+        r.error(400)["message"]
+            .as_str()
+            .unwrap()
+            .contains("ANSI escape")
+    );
+    t.server.shutdown().await;
+}
+
+#[tokio::test]
+async fn limits_come_from_the_plugin_configuration() {
+    let mut c = config();
+    c.plugins.sanitizer.config = json!({"max_texts": 2, "max_text_bytes": 10})
+        .as_object()
+        .unwrap()
+        .clone();
+    let t = start(c).await;
+    let r = t
+        .embed(json!({"model": "all-MiniLM-L6-v2", "input": ["a", "b", "c"]}))
+        .await;
+    assert_eq!(r.error(400)["code"], "too_many_inputs");
+    let r = t
+        .embed(json!({"model": "all-MiniLM-L6-v2", "input": "eleven byte"}))
+        .await;
+    assert_eq!(
+        r.error(400)["message"],
+        "input[0] is 11 bytes long; at most 10 are allowed"
+    );
+    t.server.shutdown().await;
+}
+
+#[tokio::test]
+async fn by_default_2048_inputs_pass_and_2049_do_not() {
+    let t = start(config()).await;
+    let many = vec!["x"; 2049];
+    let r = t
+        .embed(json!({"model": "all-MiniLM-L6-v2", "input": many}))
+        .await;
+    assert_eq!(r.error(400)["code"], "too_many_inputs");
+    let r = t
+        .embed(json!({"model": "all-MiniLM-L6-v2", "input": &many[..2048]}))
+        .await;
+    assert_eq!(r.status, 200, "{}", &r.text[..r.text.len().min(300)]);
+    assert_eq!(r.json()["data"].as_array().unwrap().len(), 2048);
+    t.server.shutdown().await;
+}
+
+#[tokio::test]
+async fn personal_data_is_redacted_before_the_model_sees_it() {
+    let t = start(config()).await;
+    let embed = |text: &str| t.embed(json!({"model": "all-MiniLM-L6-v2", "input": text}));
+    let raw = embed("Contact bob.smith@example.com or 555-123-4567 today")
+        .await
+        .json();
+    let redacted = embed("Contact [EMAIL] or [PHONE] today").await.json();
+    assert_eq!(
+        raw["data"][0]["embedding"],
+        redacted["data"][0]["embedding"]
+    );
+    t.server.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_reject_policy_refuses() {
+    let mut c = config();
+    c.plugins.sanitizer.config = json!({"input": {"card": "reject"}})
+        .as_object()
+        .unwrap()
+        .clone();
+    let t = start(c).await;
+    let r = t
+        .embed(json!({"model": "all-MiniLM-L6-v2", "input": ["ok", "pay 4111 1111 1111 1111"]}))
+        .await;
+    let e = r.error(400);
+    assert_eq!(e["code"], "personal_data");
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("input[1] contains a card number")
+    );
+    assert!(!r.text.contains("4111"), "the secret is echoed: {}", r.text);
+    t.server.shutdown().await;
+}
+
+/// The output side, through the real component: a secret split across pushes never
+/// comes out, and what comes out is the whole text redacted.
+#[tokio::test]
+async fn output_filter_redacts_secrets_split_across_chunks() {
+    let t = start(config()).await;
+    let services = t.server.state().services().unwrap();
+    let set = services.plugins.current();
+    let mut session = set.sanitizer_session(&"test".into()).unwrap();
+    let filter = session.output_filter(InputKind::Chat).unwrap();
+    let chunks = [
+        "Sure! Write to ali",
+        "ce@exam",
+        "ple.org, card 4111 11",
+        "11 1111 1111, ssn 123-",
+        "45-6789. Bye",
+    ];
+    let mut out = String::new();
+    for chunk in chunks {
+        let part = session.push(filter, chunk).unwrap().unwrap();
+        assert!(
+            !part.contains("alice") && !part.contains("4111") && !part.contains("6789"),
+            "{part}"
+        );
+        out.push_str(&part);
+    }
+    out.push_str(&session.finish(filter).unwrap().unwrap());
+    assert_eq!(out, "Sure! Write to [EMAIL], card [CARD], ssn [SSN]. Bye");
+    drop(session);
+    drop(set);
+    // Swapping in the same component with output redaction off lets it through.
+    let off = source(
+        Slot::Sanitizer,
+        "sanitize-basic",
+        json!({"output": {"email": "off"}}),
+    );
+    services.plugins.replace(&off).unwrap();
+    let set = services.plugins.current();
+    let mut session = set.sanitizer_session(&"test2".into()).unwrap();
+    let filter = session.output_filter(InputKind::Chat).unwrap();
+    let mut out = session
+        .push(filter, "mail a@example.org now")
+        .unwrap()
+        .unwrap();
+    out.push_str(&session.finish(filter).unwrap().unwrap());
+    assert_eq!(out, "mail a@example.org now");
+    t.server.shutdown().await;
+}
