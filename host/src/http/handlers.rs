@@ -20,7 +20,7 @@ use crate::AppState;
 use crate::engine::EngineError;
 use crate::error::ApiError;
 use crate::plugins::{
-    InferenceInput, InputKind, Payload, PluginSet, Principal, RequestMeta, RequestSummary, Verdict,
+    InferenceInput, InputKind, Payload, PluginSet, Principal, RequestMeta, RequestSummary,
 };
 
 /// What a guarded handler gets.
@@ -53,7 +53,7 @@ where
         };
         // One snapshot of the plugin set for the whole request.
         let plugins = services.plugins.current();
-        let (result, model, tenant) = match authorize(&plugins, &meta, scope) {
+        let (result, model, tenant) = match authorize(&plugins, &meta, scope).await {
             Err(e) => (Err(e), None, None),
             Ok(principal) => {
                 let tenant = principal.tenant.clone();
@@ -84,13 +84,16 @@ where
             status: response.status().as_u16(),
             tenant,
         };
-        let labels = plugins.labels(&summary, &request_id).unwrap_or_else(|_| {
-            let class = format!("{}xx", summary.status / 100);
-            vec![
-                ("route".into(), route.into()),
-                ("status_class".into(), class),
-            ]
-        });
+        let labels = plugins
+            .labels(&summary, &request_id)
+            .await
+            .unwrap_or_else(|_| {
+                let class = format!("{}xx", summary.status / 100);
+                vec![
+                    ("route".into(), route.into()),
+                    ("status_class".into(), class),
+                ]
+            });
         state.metrics.record_request(labels);
         with_request_id(response, &request_id)
     }
@@ -106,13 +109,16 @@ fn with_request_id(mut response: Response, id: &str) -> Response {
 }
 
 /// Authenticate with the auth plugin, then check the route's scope (the host's rule).
-fn authorize(
-    plugins: &PluginSet,
+async fn authorize(
+    plugins: &Arc<PluginSet>,
     meta: &RequestMeta,
     scope: &'static str,
 ) -> Result<Principal, ApiError> {
-    let _span = tracing::debug_span!("plugin.auth").entered();
-    match plugins.authenticate(meta)? {
+    let verdict = plugins
+        .authenticate(meta)
+        .instrument(tracing::debug_span!("plugin.auth"))
+        .await?;
+    match verdict {
         Ok(p) if p.has_scope(scope) => Ok(p),
         Ok(_) => Err(ApiError::Forbidden { scope }),
         Err(r) if r.status == 401 => Err(ApiError::Unauthorized {
@@ -216,9 +222,8 @@ where
                 .ok_or_else(|| ApiError::ModelNotFound(request.model.clone()))?;
             let _ = ctx.model.set(model.id().to_string());
 
-            let texts = {
-                let _span = tracing::debug_span!("plugin.sanitizer").entered();
-                let mut session = ctx.plugins.sanitizer_session(&ctx.meta.request_id)?;
+            let texts = async {
+                let session = ctx.plugins.sanitizer_session(&ctx.meta.request_id).await?;
                 let input = InferenceInput {
                     kind: InputKind::Embeddings,
                     model: model.id().to_string(),
@@ -226,12 +231,13 @@ where
                     payload: Payload::Texts(texts),
                     max_tokens: None,
                 };
-                match session.check_input(&input)? {
-                    Err(refusal) => return Err(ApiError::Refused(refusal)),
-                    Ok(Verdict::Rewrite(payload)) => payload.into_texts(),
-                    Ok(Verdict::Pass) => input.payload.into_texts(),
+                match session.check_input(input).await? {
+                    Err(refusal) => Err(ApiError::Refused(refusal)),
+                    Ok(payload) => Ok(payload.into_texts()),
                 }
-            };
+            }
+            .instrument(tracing::debug_span!("plugin.sanitizer"))
+            .await?;
 
             let embeddings = model
                 .embed(texts)

@@ -1,7 +1,7 @@
 //! Everything wasmtime: the policy plugins that every request passes through.
 //!
 //! The rest of the host sees only the domain types defined here ([`Principal`],
-//! [`Refusal`], [`Verdict`], [`Fault`]); wasmtime and the generated bindings stay inside
+//! [`Refusal`], [`Fault`]); wasmtime and the generated bindings stay inside
 //! this module. See `docs/architecture.md` for how a request flows through the plugins.
 
 mod bindings;
@@ -154,15 +154,6 @@ pub struct InferenceInput {
     pub payload: Payload,
     /// Requested generation length.
     pub max_tokens: Option<u32>,
-}
-
-/// A sanitizer's verdict on an accepted input.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict {
-    /// Serve the input as it is.
-    Pass,
-    /// Serve this payload instead (same shape, already validated by the host).
-    Rewrite(Payload),
 }
 
 /// What the metrics policy is told about a finished request.

@@ -4,7 +4,7 @@
 //! never changes the plugins under a request in flight. A new set is loaded and validated
 //! off to the side first; a failure leaves the old set live.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use wasmtime::Store;
@@ -18,7 +18,7 @@ use super::loader::{LoadError, Loaded, PluginSource};
 use super::runtime::{self, PluginState};
 use super::{
     ALLOWED_LABELS, Fault, FaultKind, FaultSink, InferenceInput, InputKind, Payload, Principal,
-    Refusal, RequestMeta, RequestSummary, Slot, Verdict, Visibility,
+    Refusal, RequestMeta, RequestSummary, Slot, Visibility,
 };
 
 /// Longest label value kept.
@@ -112,7 +112,17 @@ impl PluginSet {
     }
 
     /// Ask the auth plugin who sent the request.
-    pub fn authenticate(&self, meta: &RequestMeta) -> Result<Result<Principal, Refusal>, Fault> {
+    pub async fn authenticate(
+        self: &Arc<Self>,
+        meta: &RequestMeta,
+    ) -> Result<Result<Principal, Refusal>, Fault> {
+        let set = self.clone();
+        let meta = meta.clone();
+        let rid = meta.request_id.clone();
+        off_reactor(&self.auth, Some(&rid), move || set.authenticate_now(&meta)).await
+    }
+
+    fn authenticate_now(&self, meta: &RequestMeta) -> Result<Result<Principal, Refusal>, Fault> {
         let rid = Some(&meta.request_id);
         let (mut store, instance) = instance(&self.auth, rid)?;
         let result = bindings::call_authenticate(&instance, &mut store, meta)
@@ -139,19 +149,46 @@ impl PluginSet {
 
     /// Start a sanitizer session for one request: one instance that checks the input and
     /// then filters that request's output, and nothing else.
-    pub fn sanitizer_session(&self, request_id: &Arc<str>) -> Result<SanitizerSession, Fault> {
-        let (store, instance) = instance(&self.sanitizer, Some(request_id))?;
+    pub async fn sanitizer_session(
+        &self,
+        request_id: &Arc<str>,
+    ) -> Result<SanitizerSession, Fault> {
+        let plugin = self.sanitizer.clone();
+        let rid = request_id.clone();
+        let inner = off_reactor(&self.sanitizer, Some(request_id), move || {
+            let (store, instance) = instance(&plugin, Some(&rid))?;
+            Ok(SessionInner {
+                plugin,
+                request_id: rid,
+                store,
+                instance,
+            })
+        })
+        .await?;
         Ok(SanitizerSession {
             plugin: self.sanitizer.clone(),
             request_id: request_id.clone(),
-            store,
-            instance,
+            inner: Arc::new(Mutex::new(inner)),
         })
     }
 
     /// The labels a finished request is recorded under. On a fault the caller should fall
     /// back to `route` and `status_class` (the policy fails open for recording).
-    pub fn labels(
+    pub async fn labels(
+        self: &Arc<Self>,
+        summary: &RequestSummary,
+        request_id: &Arc<str>,
+    ) -> Result<Vec<(String, String)>, Fault> {
+        let set = self.clone();
+        let summary = summary.clone();
+        let rid = request_id.clone();
+        off_reactor(&self.metrics, Some(request_id), move || {
+            set.labels_now(&summary, &rid)
+        })
+        .await
+    }
+
+    fn labels_now(
         &self,
         summary: &RequestSummary,
         request_id: &Arc<str>,
@@ -172,18 +209,37 @@ impl PluginSet {
     }
 
     /// Which series `caller` may read. Fails closed: a fault means nothing.
-    pub fn visible_series(&self, caller: &Principal, request_id: &Arc<str>) -> Visibility {
-        let rid = Some(request_id);
-        let Ok((mut store, instance)) = instance(&self.metrics, rid) else {
-            return Visibility::Nothing;
-        };
-        match bindings::call_visible_series(&instance, &mut store, caller) {
-            Ok(v) => v,
-            Err(e) => {
-                self.metrics.fault(runtime::classify(&store, &e), rid);
-                Visibility::Nothing
-            }
-        }
+    pub async fn visible_series(
+        self: &Arc<Self>,
+        caller: &Principal,
+        request_id: &Arc<str>,
+    ) -> Visibility {
+        let set = self.clone();
+        let caller = caller.clone();
+        let rid = request_id.clone();
+        off_reactor(&self.metrics, Some(request_id), move || {
+            let (mut store, instance) = instance(&set.metrics, Some(&rid))?;
+            bindings::call_visible_series(&instance, &mut store, &caller)
+                .map_err(|e| set.metrics.fault(runtime::classify(&store, &e), Some(&rid)))
+        })
+        .await
+        .unwrap_or(Visibility::Nothing)
+    }
+}
+
+/// Run `f` (a plugin call) on a plugin thread; a call that is lost is a fault of `loaded`.
+async fn off_reactor<W: World, R, F>(
+    loaded: &Loaded<W>,
+    request_id: Option<&Arc<str>>,
+    f: F,
+) -> Result<R, Fault>
+where
+    F: FnOnce() -> Result<R, Fault> + Send + 'static,
+    R: Send + 'static,
+{
+    match runtime::call(f).await {
+        Ok(result) => result,
+        Err(lost) => Err(loaded.fault(lost.kind(), request_id)),
     }
 }
 
@@ -206,8 +262,15 @@ fn instance<W: World>(
         .map_err(|e| e.into_fault(loaded, request_id))
 }
 
-/// One request's sanitizer instance. Dropping it frees the instance.
+/// One request's sanitizer instance. It lives as long as the request (input check, then
+/// the output filters of its responses) and serves no other request.
 pub struct SanitizerSession {
+    plugin: Arc<Loaded<SanitizerPluginPre<PluginState>>>,
+    request_id: Arc<str>,
+    inner: Arc<Mutex<SessionInner>>,
+}
+
+struct SessionInner {
     plugin: Arc<Loaded<SanitizerPluginPre<PluginState>>>,
     request_id: Arc<str>,
     store: Store<PluginState>,
@@ -229,6 +292,55 @@ fn same_shape(before: &Payload, after: &Payload) -> bool {
 }
 
 impl SanitizerSession {
+    /// Run `f` against the session's store on a plugin thread.
+    async fn run<R, F>(&self, f: F) -> Result<R, Fault>
+    where
+        F: FnOnce(&mut SessionInner) -> Result<R, Fault> + Send + 'static,
+        R: Send + 'static,
+    {
+        let inner = self.inner.clone();
+        let plugin = self.plugin.clone();
+        let rid = self.request_id.clone();
+        off_reactor(&self.plugin, Some(&self.request_id), move || {
+            // A store that saw a host panic is not used again.
+            let mut guard = inner
+                .lock()
+                .map_err(|_| plugin.fault(FaultKind::Trap, Some(&rid)))?;
+            f(&mut guard)
+        })
+        .await
+    }
+
+    /// Check the input. Returns the payload to use: the input's own, or the plugin's
+    /// rewrite (which must keep the input's shape).
+    pub async fn check_input(
+        &self,
+        input: InferenceInput,
+    ) -> Result<Result<Payload, Refusal>, Fault> {
+        self.run(move |s| s.check_input(input)).await
+    }
+
+    /// Create an output filter for one response of this request.
+    pub async fn output_filter(&self, kind: InputKind) -> Result<OutputFilter, Fault> {
+        self.run(move |s| s.output_filter(kind)).await
+    }
+
+    /// Feed generated text; returns what may be released.
+    pub async fn push(
+        &self,
+        filter: OutputFilter,
+        chunk: String,
+    ) -> Result<Result<String, Refusal>, Fault> {
+        self.run(move |s| s.push(filter, &chunk)).await
+    }
+
+    /// End of generation; returns what was held back.
+    pub async fn finish(&self, filter: OutputFilter) -> Result<Result<String, Refusal>, Fault> {
+        self.run(move |s| s.finish(filter)).await
+    }
+}
+
+impl SessionInner {
     fn fault(&self, kind: FaultKind) -> Fault {
         self.plugin.fault(kind, Some(&self.request_id))
     }
@@ -246,20 +358,16 @@ impl SanitizerSession {
         }
     }
 
-    /// Check (and possibly rewrite) the input.
-    pub fn check_input(
-        &mut self,
-        input: &InferenceInput,
-    ) -> Result<Result<Verdict, Refusal>, Fault> {
+    fn check_input(&mut self, input: InferenceInput) -> Result<Result<Payload, Refusal>, Fault> {
         runtime::arm(&mut self.store, self.plugin.limits);
-        let result = bindings::call_check_input(&self.instance, &mut self.store, input)
+        let result = bindings::call_check_input(&self.instance, &mut self.store, &input)
             .map_err(|e| self.failed(&e))?;
         match result {
-            Ok(WitVerdict::Pass) => Ok(Ok(Verdict::Pass)),
+            Ok(WitVerdict::Pass) => Ok(Ok(input.payload)),
             Ok(WitVerdict::Rewrite(p)) => {
                 let p = bindings::payload_from(p);
                 if same_shape(&input.payload, &p) {
-                    Ok(Ok(Verdict::Rewrite(p)))
+                    Ok(Ok(p))
                 } else {
                     Err(self.fault(FaultKind::Malformed))
                 }
@@ -268,8 +376,7 @@ impl SanitizerSession {
         }
     }
 
-    /// Create an output filter for one response of this request.
-    pub fn output_filter(&mut self, kind: InputKind) -> Result<OutputFilter, Fault> {
+    fn output_filter(&mut self, kind: InputKind) -> Result<OutputFilter, Fault> {
         runtime::arm(&mut self.store, self.plugin.limits);
         let api = bindings::sanitizer_filter(&self.instance);
         api.call_constructor(&mut self.store, bindings::kind_to(kind))
@@ -277,8 +384,7 @@ impl SanitizerSession {
             .map_err(|e| self.failed(&e))
     }
 
-    /// Feed generated text; returns what may be released.
-    pub fn push(
+    fn push(
         &mut self,
         filter: OutputFilter,
         chunk: &str,
@@ -294,8 +400,7 @@ impl SanitizerSession {
         }
     }
 
-    /// End of generation; returns what was held back.
-    pub fn finish(&mut self, filter: OutputFilter) -> Result<Result<String, Refusal>, Fault> {
+    fn finish(&mut self, filter: OutputFilter) -> Result<Result<String, Refusal>, Fault> {
         runtime::arm(&mut self.store, self.plugin.limits);
         let api = bindings::sanitizer_filter(&self.instance);
         match api

@@ -4,9 +4,16 @@
 //! every millisecond) and the pooling allocator. Components are compiled once (cached by
 //! their sha256) and pre-instantiated; each request gets fresh [`Store`]s, so no state can
 //! pass from one request (or principal) to another through a plugin's memory.
+//!
+//! Guest code never runs on a tokio worker. wasmtime-wasi's synchronous bindings block on
+//! tokio for stream operations (a plugin that writes to stderr, a Rust panic message for
+//! instance), which must not happen on a reactor thread; and a plugin spinning until its
+//! deadline must not stall the connections that share its worker. Every instantiation and
+//! call therefore runs on a small pool of plugin threads ([`call`]), fed by a bounded queue.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex, OnceLock, mpsc};
 use std::time::Duration;
 
 use wasmtime::component::{Component, Linker, ResourceTable};
@@ -20,6 +27,9 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(1);
 
 /// The largest memory cap a plugin may be given; the pooling allocator's slot size.
 pub const MAX_MEMORY_BYTES: usize = 256 << 20;
+
+/// Plugin calls waiting for a plugin thread; beyond this a call fails as `unavailable`.
+const CALL_QUEUE: usize = 1024;
 
 /// Most log lines one plugin call may write; further lines are dropped.
 const MAX_LOG_LINES_PER_STORE: u32 = 32;
@@ -132,6 +142,64 @@ pub struct Runtime {
     pub(super) engine: Engine,
     pub(super) linker: Linker<PluginState>,
     components: Mutex<HashMap<[u8; 32], Component>>,
+    calls: mpsc::SyncSender<Job>,
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// Why a call handed to the plugin threads produced no result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum CallLost {
+    /// The queue was full (or the runtime could not start).
+    Busy,
+    /// The host side of the call panicked; the thread survived.
+    Panicked,
+}
+
+impl CallLost {
+    pub(super) fn kind(self) -> FaultKind {
+        match self {
+            CallLost::Busy => FaultKind::Unavailable,
+            CallLost::Panicked => FaultKind::Trap,
+        }
+    }
+}
+
+/// Run `f` (which calls into a plugin) on a plugin thread and wait for its result without
+/// blocking the caller's thread.
+pub(super) async fn call<R, F>(f: F) -> Result<R, CallLost>
+where
+    F: FnOnce() -> R + Send + 'static,
+    R: Send + 'static,
+{
+    let runtime = Runtime::get().map_err(|_| CallLost::Busy)?;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let job: Job = Box::new(move || {
+        let _ = tx.send(f());
+    });
+    runtime.calls.try_send(job).map_err(|_| CallLost::Busy)?;
+    rx.await.map_err(|_| CallLost::Panicked)
+}
+
+fn start_call_threads(threads: usize) -> std::io::Result<mpsc::SyncSender<Job>> {
+    let (tx, rx) = mpsc::sync_channel::<Job>(CALL_QUEUE);
+    let rx = Arc::new(Mutex::new(rx));
+    for i in 0..threads {
+        let rx = rx.clone();
+        std::thread::Builder::new()
+            .name(format!("warden-plugin-{i}"))
+            .spawn(move || {
+                loop {
+                    let job = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                    let Ok(job) = job else { return };
+                    // A panic drops the job's result sender: the caller sees `Panicked`.
+                    if std::panic::catch_unwind(AssertUnwindSafe(job)).is_err() {
+                        tracing::error!("a plugin call panicked in the host; the call failed");
+                    }
+                }
+            })?;
+    }
+    Ok(tx)
 }
 
 impl std::fmt::Debug for Runtime {
@@ -185,10 +253,14 @@ impl Runtime {
                 }
             })
             .map_err(|e| wasmtime::format_err!("cannot start the epoch ticker: {e}"))?;
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get().max(2));
+        let calls = start_call_threads(threads)
+            .map_err(|e| wasmtime::format_err!("cannot start the plugin threads: {e}"))?;
         Ok(Self {
             engine,
             linker,
             components: Mutex::new(HashMap::new()),
+            calls,
         })
     }
 

@@ -61,4 +61,7 @@ impl MetricsPolicy for Plugin {
     }
 }
 
+// Only the wasm build exports the ABI: native builds (unit tests, clippy) cannot link
+// symbol names such as `warden:policy/auth@0.1.0#authenticate`.
+#[cfg(target_arch = "wasm32")]
 export!(Plugin);

@@ -108,8 +108,8 @@ async fn output_filter_redacts_secrets_split_across_chunks() {
     let t = start(config()).await;
     let services = t.server.state().services().unwrap();
     let set = services.plugins.current();
-    let mut session = set.sanitizer_session(&"test".into()).unwrap();
-    let filter = session.output_filter(InputKind::Chat).unwrap();
+    let session = set.sanitizer_session(&"test".into()).await.unwrap();
+    let filter = session.output_filter(InputKind::Chat).await.unwrap();
     let chunks = [
         "Sure! Write to ali",
         "ce@exam",
@@ -119,14 +119,14 @@ async fn output_filter_redacts_secrets_split_across_chunks() {
     ];
     let mut out = String::new();
     for chunk in chunks {
-        let part = session.push(filter, chunk).unwrap().unwrap();
+        let part = session.push(filter, chunk.into()).await.unwrap().unwrap();
         assert!(
             !part.contains("alice") && !part.contains("4111") && !part.contains("6789"),
             "{part}"
         );
         out.push_str(&part);
     }
-    out.push_str(&session.finish(filter).unwrap().unwrap());
+    out.push_str(&session.finish(filter).await.unwrap().unwrap());
     assert_eq!(out, "Sure! Write to [EMAIL], card [CARD], ssn [SSN]. Bye");
     drop(session);
     drop(set);
@@ -138,13 +138,14 @@ async fn output_filter_redacts_secrets_split_across_chunks() {
     );
     services.plugins.replace(&off).unwrap();
     let set = services.plugins.current();
-    let mut session = set.sanitizer_session(&"test2".into()).unwrap();
-    let filter = session.output_filter(InputKind::Chat).unwrap();
+    let session = set.sanitizer_session(&"test2".into()).await.unwrap();
+    let filter = session.output_filter(InputKind::Chat).await.unwrap();
     let mut out = session
-        .push(filter, "mail a@example.org now")
+        .push(filter, "mail a@example.org now".into())
+        .await
         .unwrap()
         .unwrap();
-    out.push_str(&session.finish(filter).unwrap().unwrap());
+    out.push_str(&session.finish(filter).await.unwrap().unwrap());
     assert_eq!(out, "mail a@example.org now");
     t.server.shutdown().await;
 }
