@@ -34,22 +34,36 @@ pub fn models_dir() -> PathBuf {
     dir
 }
 
+/// Plugin call deadline in tests. The suite runs many servers and models at once on a
+/// 2-core machine, where a well-behaved 30 µs call can wait longer than the 10 ms default
+/// for a core; the deadline's own behaviour is tested with explicit, lower values.
+pub const TEST_DEADLINE: Duration = Duration::from_millis(100);
+
 /// A test configuration: loopback, ephemeral port, the two test keys.
 pub fn config() -> Config {
-    Config {
+    let mut config = Config {
         listen: "127.0.0.1:0".parse().expect("addr"),
         models_dir: models_dir(),
         plugin_dir: PathBuf::from(PLUGIN_DIR),
         api_key: Some(Secret::new(INFERENCE_KEY)),
         metrics_api_key: Some(Secret::new(METRICS_KEY)),
         ..Config::default()
-    }
+    };
+    let ms = TEST_DEADLINE.as_millis() as u64;
+    config.plugins.auth.deadline_ms = ms;
+    config.plugins.sanitizer.deadline_ms = ms;
+    config.plugins.metrics_policy.deadline_ms = ms;
+    config
 }
 
 /// A component from `PLUGIN_DIR` as a plugin source.
 pub fn source(slot: Slot, name: &str, config: serde_json::Value) -> PluginSource {
     let path = PathBuf::from(PLUGIN_DIR).join(format!("{name}.wasm"));
-    PluginSource::from_file(slot, &path, None, config.to_string(), Limits::default())
+    let limits = Limits {
+        deadline: TEST_DEADLINE,
+        ..Limits::default()
+    };
+    PluginSource::from_file(slot, &path, None, config.to_string(), limits)
         .expect("fixture component")
 }
 
@@ -157,6 +171,24 @@ impl TestServer {
             r = r.bearer_auth(k);
         }
         self.send(r).await
+    }
+
+    /// A POST to `/v1/embeddings` with a raw body of `content_type`, and `key` if given.
+    pub fn raw_embeddings(
+        &self,
+        key: Option<&str>,
+        content_type: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> reqwest::RequestBuilder {
+        let mut r = self
+            .client
+            .post(self.url("/v1/embeddings"))
+            .header("content-type", content_type)
+            .body(body);
+        if let Some(k) = key {
+            r = r.bearer_auth(k);
+        }
+        r
     }
 
     /// POST to `/v1/embeddings` with the inference key.

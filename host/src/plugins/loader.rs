@@ -5,6 +5,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
+
+/// Least time the load-time configuration check gets, whatever the slot's deadline.
+const VALIDATION_DEADLINE: std::time::Duration = std::time::Duration::from_secs(1);
 use wasmtime::Store;
 
 use super::bindings::World;
@@ -247,8 +250,15 @@ impl<W: World> Loaded<W> {
             limits: source.limits,
             sink,
         };
-        // Validate the configuration once, on an instance of its own.
-        if let Err(e) = loaded.instance(None) {
+        // Validate the configuration once, on an instance of its own. Loading is off the
+        // request path and often competes with model loading for the CPU, so the check gets
+        // at least `VALIDATION_DEADLINE`; whether calls fit the slot's deadline is for the
+        // requests to show.
+        let limits = Limits {
+            deadline: loaded.limits.deadline.max(VALIDATION_DEADLINE),
+            ..loaded.limits
+        };
+        if let Err(e) = loaded.instance_within(limits, None) {
             let message = match e {
                 InstanceError::Refused(m) => m,
                 InstanceError::Fault(f) => format!("configure failed: {}", f.kind.as_str()),
@@ -272,9 +282,17 @@ impl<W: World> Loaded<W> {
         &self,
         request_id: Option<&Arc<str>>,
     ) -> Result<(Store<PluginState>, W::Instance), InstanceError> {
+        self.instance_within(self.limits, request_id)
+    }
+
+    fn instance_within(
+        &self,
+        limits: Limits,
+        request_id: Option<&Arc<str>>,
+    ) -> Result<(Store<PluginState>, W::Instance), InstanceError> {
         let rt = Runtime::get()
             .map_err(|_| InstanceError::Fault(self.fault(FaultKind::Unavailable, request_id)))?;
-        let mut store = rt.store(self.slot, &self.name, self.limits, request_id);
+        let mut store = rt.store(self.slot, &self.name, limits, request_id);
         let instance = match self.pre.instantiate(&mut store) {
             Ok(i) => i,
             Err(e) => {

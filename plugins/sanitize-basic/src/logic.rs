@@ -191,49 +191,45 @@ impl Config {
         }
     }
 
-    /// Check a list of texts (embedding inputs or a prompt). `Ok(None)`: pass unchanged.
+    /// Check embedding inputs or a prompt, named by `names(i)` in messages.
+    /// `Ok(None)`: pass unchanged.
     pub fn check_texts(
         &self,
         names: impl Fn(usize) -> String,
         texts: &[String],
     ) -> Result<Option<Vec<String>>, Refused> {
-        if texts.len() > self.max_texts {
-            return Err(Refused::bad(
-                "too_many_inputs",
-                format!(
-                    "{} inputs given; at most {} are allowed",
-                    texts.len(),
-                    self.max_texts
-                ),
-            ));
-        }
-        let mut rewritten: Option<Vec<String>> = None;
-        for (i, text) in texts.iter().enumerate() {
-            if let Some(new) = self.check_text(&names(i), text)? {
-                rewritten.get_or_insert_with(|| texts.to_vec())[i] = new;
-            }
-        }
-        Ok(rewritten)
+        self.check_all(texts, ("inputs", "too_many_inputs", self.max_texts), names)
     }
 
     /// Check chat messages' contents. `Ok(None)`: pass unchanged.
     pub fn check_messages(&self, contents: &[&str]) -> Result<Option<Vec<String>>, Refused> {
-        if contents.len() > self.max_messages {
+        let names = |i: usize| format!("messages[{i}].content");
+        self.check_all(
+            contents,
+            ("messages", "too_many_messages", self.max_messages),
+            names,
+        )
+    }
+
+    /// Check a count limit, then every text; the rewritten list if any text changed.
+    fn check_all<S: AsRef<str>>(
+        &self,
+        texts: &[S],
+        (what, code, max): (&str, &'static str, usize),
+        names: impl Fn(usize) -> String,
+    ) -> Result<Option<Vec<String>>, Refused> {
+        if texts.len() > max {
             return Err(Refused::bad(
-                "too_many_messages",
-                format!(
-                    "{} messages given; at most {} are allowed",
-                    contents.len(),
-                    self.max_messages
-                ),
+                code,
+                format!("{} {what} given; at most {max} are allowed", texts.len()),
             ));
         }
         let mut rewritten: Option<Vec<String>> = None;
-        for (i, text) in contents.iter().enumerate() {
-            if let Some(new) = self.check_text(&format!("messages[{i}].content"), text)? {
-                let r = rewritten
-                    .get_or_insert_with(|| contents.iter().map(|s| s.to_string()).collect());
-                r[i] = new;
+        for (i, text) in texts.iter().enumerate() {
+            if let Some(new) = self.check_text(&names(i), text.as_ref())? {
+                rewritten.get_or_insert_with(|| {
+                    texts.iter().map(|t| t.as_ref().to_string()).collect()
+                })[i] = new;
             }
         }
         Ok(rewritten)

@@ -6,13 +6,7 @@ use warden_tests::{INFERENCE_KEY, config, start};
 #[tokio::test]
 async fn malformed_requests_are_4xx_with_openai_errors() {
     let t = start(config()).await;
-    let raw = |body: &'static str| {
-        t.client
-            .post(t.url("/v1/embeddings"))
-            .bearer_auth(INFERENCE_KEY)
-            .header("content-type", "application/json")
-            .body(body)
-    };
+    let raw = |body: &'static str| t.raw_embeddings(Some(INFERENCE_KEY), "application/json", body);
     for body in [
         "{",
         "",
@@ -62,13 +56,7 @@ async fn malformed_requests_are_4xx_with_openai_errors() {
     );
 
     let not_json = t
-        .send(
-            t.client
-                .post(t.url("/v1/embeddings"))
-                .bearer_auth(INFERENCE_KEY)
-                .header("content-type", "text/plain")
-                .body("hi"),
-        )
+        .send(t.raw_embeddings(Some(INFERENCE_KEY), "text/plain", "hi"))
         .await;
     not_json.error(415);
     t.server.shutdown().await;
@@ -80,13 +68,7 @@ async fn bodies_over_the_limit_are_413_declared_or_streamed() {
     let big = "x".repeat(2 * 1024 * 1024 + 1);
     let body = format!(r#"{{"model":"all-MiniLM-L6-v2","input":"{big}"}}"#);
     let r = t
-        .send(
-            t.client
-                .post(t.url("/v1/embeddings"))
-                .bearer_auth(INFERENCE_KEY)
-                .header("content-type", "application/json")
-                .body(body.clone()),
-        )
+        .send(t.raw_embeddings(Some(INFERENCE_KEY), "application/json", body.clone()))
         .await;
     assert_eq!(r.error(413)["code"], "payload_too_large");
     // Chunked, with no Content-Length to trust.
@@ -97,13 +79,11 @@ async fn bodies_over_the_limit_are_413_declared_or_streamed() {
         .collect();
     let stream = futures_util::stream::iter(chunks);
     let r = t
-        .send(
-            t.client
-                .post(t.url("/v1/embeddings"))
-                .bearer_auth(INFERENCE_KEY)
-                .header("content-type", "application/json")
-                .body(reqwest::Body::wrap_stream(stream)),
-        )
+        .send(t.raw_embeddings(
+            Some(INFERENCE_KEY),
+            "application/json",
+            reqwest::Body::wrap_stream(stream),
+        ))
         .await;
     r.error(413);
     t.server.shutdown().await;
@@ -123,12 +103,7 @@ async fn unknown_routes_and_methods() {
 async fn unauthenticated_clients_learn_nothing_about_the_body() {
     let t = start(config()).await;
     let r = t
-        .send(
-            t.client
-                .post(t.url("/v1/embeddings"))
-                .header("content-type", "application/json")
-                .body("{"),
-        )
+        .send(t.raw_embeddings(None, "application/json", "{"))
         .await;
     r.error(401);
     t.server.shutdown().await;

@@ -8,8 +8,8 @@ use serde_json::json;
 use warden::plugins::{LoadError, Slot};
 use warden_tests::{config, source, start};
 
-/// Deadline (10 ms by default) plus a margin for a loaded 2-core machine.
-const BOUND: Duration = Duration::from_millis(10 + 300);
+/// The tests' deadline plus a margin for a loaded 2-core machine.
+const BOUND: Duration = Duration::from_millis(warden_tests::TEST_DEADLINE.as_millis() as u64 + 300);
 
 const MODES: [(&str, &str); 5] = [
     ("loop", "deadline"),
