@@ -5,12 +5,76 @@
 //! which the API answers with 429 and `Retry-After`.
 
 mod bert;
+mod generate;
+mod gguf_tokenizer;
+pub mod llama;
+mod template;
 mod worker;
 
 use std::path::Path;
+use std::sync::Arc;
 
 pub use bert::MiniLm;
+pub use generate::{
+    FinishReason, GenerateConfig, GenerateEvent, GenerateHandle, GenerateRequest, SamplingParams,
+};
+pub use gguf_tokenizer::{GgufTokenizer, TokenizerError};
+pub use template::{ChatTemplate, TemplateMessage};
 pub use worker::{EmbeddingsHandle, WorkerConfig};
+
+/// A generative model: its engine thread, its tokenizer and its chat template.
+#[derive(Debug)]
+pub struct TextModel {
+    /// The id clients use.
+    pub id: String,
+    /// The engine thread.
+    pub handle: GenerateHandle,
+    /// The GGUF's chat template, if it has one.
+    pub template: Option<ChatTemplate>,
+}
+
+impl TextModel {
+    /// Load a llama-family GGUF from `path` and start its engine thread.
+    pub fn load(id: &str, path: &Path, config: GenerateConfig) -> Result<Self, ModelLoadError> {
+        let file = crate::plugins::file_name(path);
+        let invalid = |reason: String| ModelLoadError::Invalid {
+            model: id.into(),
+            file: file.clone(),
+            reason,
+        };
+        let mut reader = std::fs::File::open(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => ModelLoadError::NotFound {
+                model: id.into(),
+                file: file.clone(),
+            },
+            kind => invalid(kind.to_string()),
+        })?;
+        let mut reader = std::io::BufReader::new(&mut reader);
+        let content = candle_core::quantized::gguf_file::Content::read(&mut reader)
+            .map_err(|e| invalid(format!("not a GGUF file: {e}")))?;
+        let tokenizer = GgufTokenizer::from_gguf(&content).map_err(|e| invalid(e.to_string()))?;
+        let weights = llama::Weights::from_gguf(&content, &mut reader, &candle_core::Device::Cpu)
+            .map_err(|e| invalid(e.to_string()))?;
+        let template = match content
+            .metadata
+            .get("tokenizer.chat_template")
+            .and_then(|v| v.to_string().ok())
+        {
+            Some(source) => Some(
+                ChatTemplate::new(source, &tokenizer.bos_text, &tokenizer.eos_text)
+                    .map_err(invalid)?,
+            ),
+            None => None,
+        };
+        let handle = GenerateHandle::spawn(id, Arc::new(weights), Arc::new(tokenizer), config)
+            .map_err(|e| invalid(format!("cannot start the engine thread: {e}")))?;
+        Ok(Self {
+            id: id.into(),
+            handle,
+            template,
+        })
+    }
+}
 
 /// One embedding and the number of tokens it was computed from.
 #[derive(Debug, Clone, PartialEq)]

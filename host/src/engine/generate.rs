@@ -1,0 +1,457 @@
+//! Text generation on a dedicated engine thread.
+//!
+//! Requests wait in a bounded queue ([`GenerateHandle::submit`] refuses at once when it is
+//! full). The thread keeps up to `max_active` sequences in flight and advances them in turn,
+//! one step each (the prompt in one step, then one token per step), so a long answer does
+//! not hold up a short one. Every sequence owns its state ([`Sequence`]: tokens, KV cache,
+//! sampler, text decoder); the weights are shared and read-only, so an answer does not
+//! depend on what runs beside it, and batching several sequences into one forward pass can
+//! come later without changing this interface.
+//!
+//! Each sequence reports on its own unbounded channel: text deltas, then one final event.
+//! A closed channel (the client went away) ends the sequence at its next step.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError, sync_channel};
+use std::time::Instant;
+
+use candle_transformers::generation::{LogitsProcessor, Sampling};
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
+
+use super::EngineError;
+use super::gguf_tokenizer::GgufTokenizer;
+use super::llama::{KvCache, Weights};
+
+/// How to pick the next token.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SamplingParams {
+    /// 0 is greedy.
+    pub temperature: f64,
+    /// Nucleus sampling mass, in (0, 1].
+    pub top_p: f64,
+    /// Seed of the sampler's random numbers.
+    pub seed: u64,
+    /// OpenAI presence penalty: subtracted once from every token already generated.
+    pub presence_penalty: f32,
+    /// OpenAI frequency penalty: subtracted per occurrence of a generated token.
+    pub frequency_penalty: f32,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 1.0,
+            top_p: 1.0,
+            seed: 0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+        }
+    }
+}
+
+/// One generation request.
+#[derive(Debug)]
+pub struct GenerateRequest {
+    /// Prompt token ids (validated against the context window by the caller).
+    pub prompt: Vec<u32>,
+    /// Most tokens to generate.
+    pub max_tokens: usize,
+    /// Sampling.
+    pub sampling: SamplingParams,
+    /// Stop strings: generation ends before the first occurrence, which is not returned.
+    pub stop: Vec<String>,
+    /// The request's span, so engine work is traced under it.
+    pub span: tracing::Span,
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// An end-of-generation token or a stop string.
+    Stop,
+    /// `max_tokens` reached.
+    Length,
+}
+
+impl FinishReason {
+    /// OpenAI's name for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+/// What a sequence reports.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GenerateEvent {
+    /// More text. Deltas concatenate to the whole answer.
+    Delta(String),
+    /// The end.
+    Done {
+        /// Why.
+        reason: FinishReason,
+        /// Prompt tokens.
+        prompt_tokens: usize,
+        /// Generated tokens (an end-of-generation token counts; the stop text's tokens too).
+        completion_tokens: usize,
+    },
+    /// The engine failed on this sequence. The last event.
+    Failed(EngineError),
+}
+
+/// Settings of the generation thread.
+#[derive(Debug, Clone, Copy)]
+pub struct GenerateConfig {
+    /// Requests that may wait for a place; more are refused.
+    pub queue_capacity: usize,
+    /// Sequences advanced together.
+    pub max_active: usize,
+}
+
+impl Default for GenerateConfig {
+    fn default() -> Self {
+        Self {
+            queue_capacity: 64,
+            max_active: 4,
+        }
+    }
+}
+
+struct Job {
+    request: GenerateRequest,
+    events: UnboundedSender<GenerateEvent>,
+    queued: Instant,
+}
+
+/// A cloneable handle to a text model's engine thread.
+#[derive(Clone)]
+pub struct GenerateHandle {
+    tx: SyncSender<Job>,
+    tokenizer: Arc<GgufTokenizer>,
+    context_length: usize,
+}
+
+impl std::fmt::Debug for GenerateHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GenerateHandle")
+            .field("context_length", &self.context_length)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GenerateHandle {
+    /// Start the engine thread.
+    pub fn spawn(
+        name: &str,
+        weights: Arc<Weights>,
+        tokenizer: Arc<GgufTokenizer>,
+        config: GenerateConfig,
+    ) -> std::io::Result<Self> {
+        let (tx, rx) = sync_channel(config.queue_capacity.max(1));
+        let context_length = weights.config.context_length;
+        let engine = Engine {
+            weights,
+            tokenizer: tokenizer.clone(),
+            max_active: config.max_active.max(1),
+        };
+        std::thread::Builder::new()
+            .name(format!("engine-{name}"))
+            .spawn(move || engine.run(rx))?;
+        Ok(Self {
+            tx,
+            tokenizer,
+            context_length,
+        })
+    }
+
+    /// The model's tokenizer.
+    pub fn tokenizer(&self) -> &Arc<GgufTokenizer> {
+        &self.tokenizer
+    }
+
+    /// The model's context window, in tokens.
+    pub fn context_length(&self) -> usize {
+        self.context_length
+    }
+
+    /// Queue a request. Events arrive on the returned channel; dropping it cancels.
+    pub fn submit(
+        &self,
+        request: GenerateRequest,
+    ) -> Result<UnboundedReceiver<GenerateEvent>, EngineError> {
+        let (events, rx) = unbounded_channel();
+        let job = Job {
+            request,
+            events,
+            queued: Instant::now(),
+        };
+        match self.tx.try_send(job) {
+            Ok(()) => Ok(rx),
+            Err(TrySendError::Full(_)) => Err(EngineError::QueueFull),
+            Err(TrySendError::Disconnected(_)) => Err(EngineError::Stopped),
+        }
+    }
+}
+
+/// Everything one sequence owns.
+struct Sequence {
+    job: Job,
+    cache: KvCache,
+    sampler: LogitsProcessor,
+    generated: Vec<u32>,
+    /// Next tokens to feed: the prompt first, then each sampled token.
+    pending: Vec<u32>,
+    text: TextState,
+    span: tracing::Span,
+}
+
+struct Engine {
+    weights: Arc<Weights>,
+    tokenizer: Arc<GgufTokenizer>,
+    max_active: usize,
+}
+
+impl Engine {
+    fn run(self, rx: Receiver<Job>) {
+        let mut active: Vec<Sequence> = Vec::new();
+        loop {
+            if active.is_empty() {
+                match rx.recv() {
+                    Ok(job) => active.push(self.start(job)),
+                    Err(_) => return,
+                }
+            }
+            while active.len() < self.max_active {
+                match rx.try_recv() {
+                    Ok(job) => active.push(self.start(job)),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        if active.is_empty() {
+                            return;
+                        }
+                        break;
+                    }
+                }
+            }
+            active.retain_mut(|seq| self.advance(seq));
+        }
+    }
+
+    fn start(&self, job: Job) -> Sequence {
+        let s = job.request.sampling;
+        let sampling = if s.temperature <= 0.0 {
+            Sampling::ArgMax
+        } else if s.top_p < 1.0 {
+            Sampling::TopP {
+                p: s.top_p,
+                temperature: s.temperature,
+            }
+        } else {
+            Sampling::All {
+                temperature: s.temperature,
+            }
+        };
+        let span = tracing::debug_span!(parent: &job.request.span, "engine.generate",
+            queue_wait_ms = job.queued.elapsed().as_millis() as u64);
+        Sequence {
+            cache: self.weights.new_cache(),
+            sampler: LogitsProcessor::from_sampling(s.seed, sampling),
+            generated: Vec::new(),
+            pending: job.request.prompt.clone(),
+            text: TextState::new(job.request.stop.clone()),
+            job,
+            span,
+        }
+    }
+
+    /// One step of `seq`. Returns whether it goes on.
+    fn advance(&self, seq: &mut Sequence) -> bool {
+        if seq.job.events.is_closed() {
+            tracing::debug!(parent: &seq.span, "client gone; generation stopped");
+            return false;
+        }
+        let span = seq.span.clone();
+        let _enter = span.enter();
+        match std::panic::catch_unwind(AssertUnwindSafe(|| self.step(seq))) {
+            Ok(Ok(Some(event))) => {
+                let _ = seq.job.events.send(event);
+                false
+            }
+            Ok(Ok(None)) => true,
+            Ok(Err(e)) => {
+                let _ = seq.job.events.send(GenerateEvent::Failed(e));
+                false
+            }
+            Err(_) => {
+                let e = EngineError::Model("the model panicked".into());
+                let _ = seq.job.events.send(GenerateEvent::Failed(e));
+                false
+            }
+        }
+    }
+
+    /// Feed the pending tokens, sample one, report text. `Some(event)` ends the sequence.
+    fn step(&self, seq: &mut Sequence) -> Result<Option<GenerateEvent>, EngineError> {
+        let request = &seq.job.request;
+        if request.max_tokens == 0 {
+            return Ok(Some(GenerateEvent::Done {
+                reason: FinishReason::Length,
+                prompt_tokens: request.prompt.len(),
+                completion_tokens: 0,
+            }));
+        }
+        let mut logits = self.weights.forward(&seq.pending, &mut seq.cache)?;
+        apply_penalties(&mut logits, &seq.generated, &request.sampling);
+        let logits_t = candle_core::Tensor::new(logits.as_slice(), &candle_core::Device::Cpu)?;
+        let next = seq.sampler.sample(&logits_t)?;
+        seq.generated.push(next);
+        seq.pending.clear();
+        seq.pending.push(next);
+
+        let finished = if self.tokenizer.is_stop(next) {
+            Some(FinishReason::Stop)
+        } else {
+            let piece = seq
+                .text
+                .push(&self.tokenizer, &seq.generated)
+                .map_err(|e| EngineError::Model(e.to_string()))?;
+            if let Some(delta) = piece.delta
+                && !delta.is_empty()
+            {
+                let _ = seq.job.events.send(GenerateEvent::Delta(delta));
+            }
+            if piece.stopped {
+                Some(FinishReason::Stop)
+            } else if seq.generated.len() >= request.max_tokens
+                || seq.cache.len() >= self.weights.config.context_length
+            {
+                Some(FinishReason::Length)
+            } else {
+                None
+            }
+        };
+        let Some(reason) = finished else {
+            return Ok(None);
+        };
+        if !seq.text.stopped
+            && let Some(rest) = seq.text.flush()
+        {
+            let _ = seq.job.events.send(GenerateEvent::Delta(rest));
+        }
+        Ok(Some(GenerateEvent::Done {
+            reason,
+            prompt_tokens: request.prompt.len(),
+            completion_tokens: seq.generated.len(),
+        }))
+    }
+}
+
+/// OpenAI's presence and frequency penalties, over the tokens generated so far.
+fn apply_penalties(logits: &mut [f32], generated: &[u32], s: &SamplingParams) {
+    if s.presence_penalty == 0.0 && s.frequency_penalty == 0.0 {
+        return;
+    }
+    let mut counts: std::collections::HashMap<u32, u32> = std::collections::HashMap::new();
+    for &t in generated {
+        *counts.entry(t).or_default() += 1;
+    }
+    for (t, n) in counts {
+        if let Some(l) = logits.get_mut(t as usize) {
+            *l -= s.presence_penalty + s.frequency_penalty * n as f32;
+        }
+    }
+}
+
+/// Incremental detokenization and stop strings.
+///
+/// Text is released only when it is complete UTF-8 and cannot be the start of a stop
+/// string; at a stop string, everything before it is released and the rest dropped.
+struct TextState {
+    stop: Vec<String>,
+    /// Decoded text of all generated tokens so far (complete characters only).
+    text: String,
+    /// Bytes of `text` already released.
+    released: usize,
+    stopped: bool,
+}
+
+struct Piece {
+    delta: Option<String>,
+    stopped: bool,
+}
+
+impl TextState {
+    fn new(stop: Vec<String>) -> Self {
+        Self {
+            stop: stop.into_iter().filter(|s| !s.is_empty()).collect(),
+            text: String::new(),
+            released: 0,
+            stopped: false,
+        }
+    }
+
+    fn push(
+        &mut self,
+        tokenizer: &GgufTokenizer,
+        generated: &[u32],
+    ) -> Result<Piece, super::gguf_tokenizer::TokenizerError> {
+        let decoded = tokenizer.decode(generated)?;
+        // A token may end inside a multi-byte character: wait for the rest.
+        if decoded.ends_with('\u{FFFD}') {
+            return Ok(Piece {
+                delta: None,
+                stopped: false,
+            });
+        }
+        self.text = decoded;
+        if let Some(at) = self
+            .stop
+            .iter()
+            .filter_map(|s| self.text.find(s.as_str()))
+            .min()
+        {
+            self.stopped = true;
+            let delta = self.text.get(self.released..at).map(str::to_string);
+            self.released = at.max(self.released);
+            return Ok(Piece {
+                delta,
+                stopped: true,
+            });
+        }
+        let safe = self.text.len() - self.held_back();
+        let delta = if safe > self.released {
+            let d = self.text.get(self.released..safe).map(str::to_string);
+            self.released = safe;
+            d
+        } else {
+            None
+        };
+        Ok(Piece {
+            delta,
+            stopped: false,
+        })
+    }
+
+    /// Length of the longest suffix of `text` that is a proper prefix of a stop string.
+    fn held_back(&self) -> usize {
+        let mut hold = 0;
+        for s in &self.stop {
+            for (i, _) in s.char_indices().skip(1) {
+                if self.text.ends_with(&s[..i]) {
+                    hold = hold.max(i);
+                }
+            }
+        }
+        hold
+    }
+
+    /// Release what was held back for a possible stop string.
+    fn flush(&mut self) -> Option<String> {
+        let rest = self.text.get(self.released..)?.to_string();
+        self.released = self.text.len();
+        (!rest.is_empty()).then_some(rest)
+    }
+}
