@@ -103,6 +103,8 @@ pub struct EngineConfig {
     pub queue_capacity: usize,
     /// Most texts per embedding forward pass.
     pub max_batch: usize,
+    /// Text sequences the generation thread advances together.
+    pub max_sequences: usize,
 }
 
 impl Default for EngineConfig {
@@ -110,6 +112,7 @@ impl Default for EngineConfig {
         Self {
             queue_capacity: 64,
             max_batch: 32,
+            max_sequences: 4,
         }
     }
 }
@@ -122,6 +125,9 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Directory holding the models.
     pub models_dir: PathBuf,
+    /// The generative model: a llama-family GGUF file, relative to `models_dir` unless
+    /// absolute. Its id is the file name up to the first `.`.
+    pub text_model: PathBuf,
     /// Directory holding the plugin components.
     pub plugin_dir: PathBuf,
     /// Key with scope `inference` (replaces the auth plugin's configured keys).
@@ -143,6 +149,7 @@ impl Default for Config {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             models_dir: PathBuf::from("models"),
+            text_model: PathBuf::from(DEFAULT_TEXT_MODEL),
             plugin_dir: PathBuf::from("target/plugins"),
             api_key: None,
             metrics_api_key: None,
@@ -153,6 +160,9 @@ impl Default for Config {
         }
     }
 }
+
+/// The GGUF served for chat and completions unless configured otherwise.
+pub const DEFAULT_TEXT_MODEL: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
 /// A configuration problem, said plainly.
 #[derive(Debug, thiserror::Error)]
@@ -232,12 +242,33 @@ impl Config {
                 )));
             }
         }
-        if self.engine.queue_capacity == 0 || self.engine.max_batch == 0 {
+        if self.engine.queue_capacity == 0
+            || self.engine.max_batch == 0
+            || self.engine.max_sequences == 0
+        {
             return Err(ConfigError::Invalid(
-                "engine.queue_capacity and engine.max_batch must be positive".into(),
+                "engine.queue_capacity, engine.max_batch and engine.max_sequences must be positive"
+                    .into(),
+            ));
+        }
+        if self.text_model_id().is_empty() {
+            return Err(ConfigError::Invalid(
+                "text_model must name a .gguf file".into(),
             ));
         }
         Ok(())
+    }
+
+    /// The text model's file.
+    pub fn text_model_file(&self) -> PathBuf {
+        self.models_dir.join(&self.text_model)
+    }
+
+    /// The id clients use for the text model: its file name up to the first `.`
+    /// (`SmolLM2-135M-Instruct.Q4_1.gguf` is `SmolLM2-135M-Instruct`).
+    pub fn text_model_id(&self) -> String {
+        let name = crate::plugins::file_name(&self.text_model);
+        name.split('.').next().unwrap_or_default().to_string()
     }
 
     /// The component file of `slot`.
@@ -261,6 +292,10 @@ pub struct ServeArgs {
     /// Models directory [default: models].
     #[arg(long, env = "WARDEN_MODELS_DIR")]
     pub models_dir: Option<PathBuf>,
+    /// Text model GGUF, relative to the models directory
+    /// [default: SmolLM2-135M-Instruct.Q4_1.gguf].
+    #[arg(long, env = "WARDEN_TEXT_MODEL")]
+    pub text_model: Option<PathBuf>,
     /// Plugin components directory [default: target/plugins].
     #[arg(long, env = "WARDEN_PLUGIN_DIR")]
     pub plugin_dir: Option<PathBuf>,
@@ -284,6 +319,9 @@ impl ServeArgs {
         }
         if let Some(v) = self.models_dir {
             config.models_dir = v;
+        }
+        if let Some(v) = self.text_model {
+            config.text_model = v;
         }
         if let Some(v) = self.plugin_dir {
             config.plugin_dir = v;

@@ -20,6 +20,21 @@ pub enum ApiError {
         /// The offending parameter.
         param: Option<&'static str>,
     },
+    /// Prompt plus requested tokens exceed the model's context window.
+    #[error(
+        "this model's context window is {context} tokens, but the request needs {}: {prompt} in the prompt and {max_tokens} to generate",
+        prompt + max_tokens
+    )]
+    ContextLength {
+        /// The window.
+        context: usize,
+        /// Prompt tokens.
+        prompt: usize,
+        /// Requested completion tokens.
+        max_tokens: usize,
+        /// `messages` or `prompt`.
+        param: &'static str,
+    },
     /// No usable credential.
     #[error("{message}")]
     Unauthorized {
@@ -103,6 +118,12 @@ impl ApiError {
                 StatusCode::BAD_REQUEST,
                 "invalid_request_error",
                 None,
+                false,
+            ),
+            ContextLength { .. } => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                Some("context_length_exceeded"),
                 false,
             ),
             Unauthorized { code, .. } => (
@@ -191,23 +212,33 @@ impl ApiError {
     fn param(&self) -> Option<&str> {
         match self {
             ApiError::BadRequest { param, .. } => *param,
+            ApiError::ContextLength { param, .. } => Some(param),
             ApiError::ModelNotFound(_) => Some("model"),
             _ => None,
         }
     }
 }
 
-impl Reply for ApiError {
-    fn into_response(self) -> Response {
-        let (status, kind, code, retry) = self.parts();
-        let body = ErrorBody {
+impl ApiError {
+    /// The OpenAI error body, also sent as the last event of a stream that fails.
+    pub fn body(&self) -> serde_json::Value {
+        let (_, kind, code, _) = self.parts();
+        serde_json::to_value(ErrorBody {
             error: ErrorDetail {
                 message: self.to_string(),
                 r#type: kind,
                 param: self.param(),
                 code,
             },
-        };
+        })
+        .unwrap_or_default()
+    }
+}
+
+impl Reply for ApiError {
+    fn into_response(self) -> Response {
+        let (status, _, _, retry) = self.parts();
+        let body = self.body();
         let mut response =
             warp::reply::with_status(warp::reply::json(&body), status).into_response();
         let headers = response.headers_mut();

@@ -22,7 +22,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::{oneshot, watch};
 
 pub use config::Config;
-use engine::{EmbeddingsHandle, MiniLm, WorkerConfig};
+use engine::{EmbeddingsHandle, GenerateConfig, MiniLm, TextModel, WorkerConfig};
 use metrics::Metrics;
 use plugins::{PluginSet, PluginSource, Registry, Slot};
 
@@ -35,6 +35,7 @@ pub struct Services {
     /// The live plugin set.
     pub plugins: Registry,
     embeddings: BTreeMap<String, EmbeddingsHandle>,
+    text: BTreeMap<String, TextModel>,
     aliases: BTreeMap<String, String>,
     /// Unix time the models were loaded.
     pub loaded_at: u64,
@@ -47,9 +48,23 @@ impl Services {
         self.embeddings.get(id)
     }
 
+    /// The text model a client named, by id or alias.
+    pub fn text_model(&self, name: &str) -> Option<&TextModel> {
+        let id = self.aliases.get(name).map_or(name, String::as_str);
+        self.text.get(id)
+    }
+
+    /// The text model used when a request names none (`/tokenize`, `/detokenize`).
+    pub fn default_text_model(&self) -> Option<&TextModel> {
+        self.text.values().next()
+    }
+
     /// Ids of all served models.
     pub fn model_ids(&self) -> impl Iterator<Item = &str> {
-        self.embeddings.keys().map(String::as_str)
+        self.text
+            .keys()
+            .chain(self.embeddings.keys())
+            .map(String::as_str)
     }
 }
 
@@ -145,12 +160,29 @@ fn load_services(config: &Config, metrics: Arc<Metrics>) -> Result<Services, Sta
         format!("sentence-transformers/{EMBEDDING_MODEL}"),
         EMBEDDING_MODEL.to_string(),
     );
+
+    let text_id = config.text_model_id();
+    let generate = GenerateConfig {
+        queue_capacity: config.engine.queue_capacity,
+        max_active: config.engine.max_sequences,
+    };
+    let text_model = TextModel::load(&text_id, &config.text_model_file(), generate)?;
+    tracing::info!(model = %text_id, context = text_model.handle.context_length(), "model loaded");
+    // The file's own name (with its quantization) and the upstream name work too.
+    let file_stem = crate::plugins::file_name(&config.text_model)
+        .trim_end_matches(".gguf")
+        .to_string();
+    aliases.insert(file_stem, text_id.clone());
+    aliases.insert(format!("HuggingFaceTB/{text_id}"), text_id.clone());
+    let mut text = BTreeMap::new();
+    text.insert(text_id, text_model);
     let loaded_at = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     Ok(Services {
         plugins,
         embeddings,
+        text,
         aliases,
         loaded_at,
     })

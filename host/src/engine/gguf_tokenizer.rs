@@ -21,9 +21,9 @@ use tokenizers::{AddedToken, Tokenizer};
 const TOKEN_TYPE_CONTROL: i32 = 3;
 const TOKEN_TYPE_USER_DEFINED: i32 = 4;
 
-/// Why a GGUF tokenizer could not be built.
+/// Why a GGUF tokenizer could not be built, or a text or ids could not be converted.
 #[derive(Debug, thiserror::Error)]
-#[error("tokenizer metadata: {0}")]
+#[error("{0}")]
 pub struct TokenizerError(String);
 
 fn err(e: impl std::fmt::Display) -> TokenizerError {

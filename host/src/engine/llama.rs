@@ -63,7 +63,9 @@ impl LlamaConfig {
             head_dim,
             context_length: get("context_length")?.to_u32()? as usize,
             rms_eps: get("attention.layer_norm_rms_epsilon")?.to_f32()? as f64,
-            rope_base: get("rope.freq_base").and_then(|v| v.to_f32()).unwrap_or(10_000.),
+            rope_base: get("rope.freq_base")
+                .and_then(|v| v.to_f32())
+                .unwrap_or(10_000.),
         })
     }
 }
@@ -138,10 +140,14 @@ impl Weights {
             };
             let (wq, wk, wv, wo) = (q("attn_q")?, q("attn_k")?, q("attn_v")?, q("attn_output")?);
             let (gate, up, down) = (q("ffn_gate")?, q("ffn_up")?, q("ffn_down")?);
-            let attn_norm =
-                RmsNorm::from_qtensor(tensor(&format!("blk.{i}.attn_norm.weight"))?, config.rms_eps)?;
-            let ffn_norm =
-                RmsNorm::from_qtensor(tensor(&format!("blk.{i}.ffn_norm.weight"))?, config.rms_eps)?;
+            let attn_norm = RmsNorm::from_qtensor(
+                tensor(&format!("blk.{i}.attn_norm.weight"))?,
+                config.rms_eps,
+            )?;
+            let ffn_norm = RmsNorm::from_qtensor(
+                tensor(&format!("blk.{i}.ffn_norm.weight"))?,
+                config.rms_eps,
+            )?;
             layers.push(Layer {
                 wq,
                 wk,
@@ -222,7 +228,9 @@ impl Weights {
         let c = &self.config;
         let (b, seq_len, _) = x.dims3()?;
         let heads = |t: Tensor, n: usize| -> Result<Tensor> {
-            t.reshape((b, seq_len, n, c.head_dim))?.transpose(1, 2)?.contiguous()
+            t.reshape((b, seq_len, n, c.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
         };
         let q = heads(layer.wq.forward(x)?, c.n_head)?;
         let k = heads(layer.wk.forward(x)?, c.n_kv_head)?;
@@ -250,7 +258,9 @@ impl Weights {
         };
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         let y = probs.matmul(&v.contiguous()?)?;
-        let y = y.transpose(1, 2)?.reshape((b, seq_len, c.n_head * c.head_dim))?;
+        let y = y
+            .transpose(1, 2)?
+            .reshape((b, seq_len, c.n_head * c.head_dim))?;
         layer.wo.forward(&y)
     }
 }

@@ -52,7 +52,8 @@ impl TextModel {
         let mut reader = std::io::BufReader::new(&mut reader);
         let content = candle_core::quantized::gguf_file::Content::read(&mut reader)
             .map_err(|e| invalid(format!("not a GGUF file: {e}")))?;
-        let tokenizer = GgufTokenizer::from_gguf(&content).map_err(|e| invalid(e.to_string()))?;
+        let tokenizer = GgufTokenizer::from_gguf(&content)
+            .map_err(|e| invalid(format!("tokenizer metadata: {e}")))?;
         let weights = llama::Weights::from_gguf(&content, &mut reader, &candle_core::Device::Cpu)
             .map_err(|e| invalid(e.to_string()))?;
         let template = match content

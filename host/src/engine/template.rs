@@ -30,9 +30,15 @@ impl ChatTemplate {
     pub fn new(source: &str, bos_token: &str, eos_token: &str) -> Result<Self, String> {
         let mut env = Environment::new();
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-        });
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
         env.add_template_owned("chat", source.to_string())
             .map_err(|e| format!("chat template: {e}"))?;
         Ok(Self {
@@ -76,7 +82,9 @@ mod tests {
             t.render(&[msg("user", "Hi")]).unwrap(),
             "<|im_start|>system\nYou are helpful<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
         );
-        let with_system = t.render(&[msg("system", "Be brief"), msg("user", "Hi")]).unwrap();
+        let with_system = t
+            .render(&[msg("system", "Be brief"), msg("user", "Hi")])
+            .unwrap();
         assert!(with_system.starts_with("<|im_start|>system\nBe brief<|im_end|>"));
     }
 

@@ -34,7 +34,7 @@ pub struct Ctx {
 }
 
 /// Run `work` for an authenticated principal with `scope`, recording the outcome.
-async fn guarded<F, Fut>(
+pub(super) async fn guarded<F, Fut>(
     state: Arc<AppState>,
     meta: RequestMeta,
     route: &'static str,
@@ -130,7 +130,11 @@ async fn authorize(
 }
 
 /// Read a body of at most `limit` bytes, streaming or not.
-async fn read_body<S, B>(meta: &RequestMeta, body: S, limit: u64) -> Result<Bytes, ApiError>
+pub(super) async fn read_body<S, B>(
+    meta: &RequestMeta,
+    body: S,
+    limit: u64,
+) -> Result<Bytes, ApiError>
 where
     S: Stream<Item = Result<B, warp::Error>>,
     B: Buf,
@@ -162,7 +166,7 @@ where
 }
 
 /// Parse a JSON body; anything that is not a JSON object of the right shape is a 400.
-fn parse_json<T: serde::de::DeserializeOwned>(
+pub(super) fn parse_json<T: serde::de::DeserializeOwned>(
     meta: &RequestMeta,
     body: &[u8],
 ) -> Result<T, ApiError> {
@@ -189,7 +193,7 @@ fn parse_json<T: serde::de::DeserializeOwned>(
     })
 }
 
-fn engine_error(e: EngineError, request_id: &str) -> ApiError {
+pub(super) fn engine_error(e: EngineError, request_id: &str) -> ApiError {
     match e {
         EngineError::QueueFull => ApiError::Busy,
         e => {

@@ -1,7 +1,9 @@
 //! warp only: filters, handlers, request/response models. Handlers see the plugin
 //! registry and engine handles through [`AppState`]; no wasmtime or candle types here.
 
+mod generation;
 mod handlers;
+mod params;
 mod types;
 
 use std::convert::Infallible;
@@ -76,12 +78,31 @@ pub fn routes(
         .and(with_state.clone())
         .and(meta())
         .then(handlers::models);
+    let post = |route: warp::filters::BoxedFilter<()>| {
+        route
+            .and(warp::post())
+            .and(with_state.clone())
+            .and(meta())
+            .and(warp::body::stream())
+    };
+    let chat = post(warp::path!("v1" / "chat" / "completions").boxed()).then(generation::chat);
+    let completions = post(warp::path!("v1" / "completions").boxed()).then(generation::completions);
+    let tokenize = post(warp::path!("tokenize").boxed()).then(generation::tokenize);
+    let detokenize = post(warp::path!("detokenize").boxed()).then(generation::detokenize);
     let health = warp::path!("health").and(warp::get()).map(handlers::health);
     let ready = warp::path!("ready")
         .and(warp::get())
         .and(with_state)
         .map(handlers::ready);
     embeddings
+        .or(chat)
+        .unify()
+        .or(completions)
+        .unify()
+        .or(tokenize)
+        .unify()
+        .or(detokenize)
+        .unify()
         .or(models)
         .unify()
         .or(health)
