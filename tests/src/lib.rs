@@ -206,3 +206,81 @@ impl TestServer {
             .await
     }
 }
+
+/// The text model every test server serves.
+pub const TEXT_MODEL: &str = "SmolLM2-135M-Instruct";
+
+/// A server-sent event stream, read whole.
+#[derive(Debug)]
+pub struct Events {
+    /// Each `data:` payload that is JSON, in order.
+    pub chunks: Vec<serde_json::Value>,
+    /// Whether the last event was `[DONE]`.
+    pub done: bool,
+}
+
+impl Events {
+    /// Parse an SSE body. Panics on anything that is not `data:` events.
+    pub fn parse(body: &str) -> Self {
+        let mut chunks = Vec::new();
+        let mut done = false;
+        for event in body.split("\n\n").filter(|e| !e.trim().is_empty()) {
+            assert!(!done, "an event after [DONE]: {body}");
+            let data = event
+                .strip_prefix("data:")
+                .unwrap_or_else(|| panic!("not a data event: {event:?}"))
+                .trim_start();
+            if data == "[DONE]" {
+                done = true;
+            } else {
+                chunks.push(serde_json::from_str(data).expect("chunk is JSON"));
+            }
+        }
+        Self { chunks, done }
+    }
+
+    /// The concatenated text of chat deltas or completion chunks.
+    pub fn text(&self) -> String {
+        self.chunks
+            .iter()
+            .filter_map(|c| c["choices"].get(0))
+            .filter_map(|c| c["delta"]["content"].as_str().or(c["text"].as_str()))
+            .collect()
+    }
+
+    /// The finish reasons given, in order.
+    pub fn finish_reasons(&self) -> Vec<String> {
+        self.chunks
+            .iter()
+            .filter_map(|c| c["choices"].get(0))
+            .filter_map(|c| c["finish_reason"].as_str().map(str::to_string))
+            .collect()
+    }
+}
+
+impl TestServer {
+    /// POST to an inference route with the inference key.
+    pub async fn infer(&self, path: &str, body: serde_json::Value) -> Reply {
+        self.post(path, Some(INFERENCE_KEY), &body).await
+    }
+
+    /// A greedy chat completion of `messages`; returns the whole response.
+    pub async fn chat(&self, messages: serde_json::Value, max_tokens: u32) -> serde_json::Value {
+        let body = serde_json::json!({
+            "model": TEXT_MODEL, "messages": messages, "temperature": 0, "max_tokens": max_tokens,
+        });
+        let reply = self.infer("/v1/chat/completions", body).await;
+        assert_eq!(reply.status, 200, "{}", reply.text);
+        reply.json()
+    }
+
+    /// A greedy text completion of `prompt` (text or token ids).
+    pub async fn complete(&self, prompt: serde_json::Value, max_tokens: u32) -> serde_json::Value {
+        let body = serde_json::json!({
+            "model": TEXT_MODEL, "prompt": prompt, "temperature": 0, "max_tokens": max_tokens,
+        });
+        let reply = self.infer("/v1/completions", body).await;
+        assert_eq!(reply.status, 200, "{}", reply.text);
+        reply.json()
+    }
+}

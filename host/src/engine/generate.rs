@@ -13,6 +13,7 @@
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError, sync_channel};
 use std::time::Instant;
 
@@ -126,12 +127,24 @@ struct Job {
     queued: Instant,
 }
 
+/// Live counters of a generation thread.
+#[derive(Debug, Default)]
+pub struct GenerateStats {
+    /// Sequences being generated now.
+    pub active: AtomicUsize,
+    /// Tokens generated since start (prompt tokens not included).
+    pub generated_tokens: AtomicU64,
+    /// Sequences ended early because their client went away.
+    pub cancelled: AtomicU64,
+}
+
 /// A cloneable handle to a text model's engine thread.
 #[derive(Clone)]
 pub struct GenerateHandle {
     tx: SyncSender<Job>,
     tokenizer: Arc<GgufTokenizer>,
     context_length: usize,
+    stats: Arc<GenerateStats>,
 }
 
 impl std::fmt::Debug for GenerateHandle {
@@ -152,10 +165,12 @@ impl GenerateHandle {
     ) -> std::io::Result<Self> {
         let (tx, rx) = sync_channel(config.queue_capacity.max(1));
         let context_length = weights.config.context_length;
+        let stats = Arc::new(GenerateStats::default());
         let engine = Engine {
             weights,
             tokenizer: tokenizer.clone(),
             max_active: config.max_active.max(1),
+            stats: stats.clone(),
         };
         std::thread::Builder::new()
             .name(format!("engine-{name}"))
@@ -164,7 +179,13 @@ impl GenerateHandle {
             tx,
             tokenizer,
             context_length,
+            stats,
         })
+    }
+
+    /// The thread's live counters.
+    pub fn stats(&self) -> &GenerateStats {
+        &self.stats
     }
 
     /// The model's tokenizer.
@@ -212,6 +233,7 @@ struct Engine {
     weights: Arc<Weights>,
     tokenizer: Arc<GgufTokenizer>,
     max_active: usize,
+    stats: Arc<GenerateStats>,
 }
 
 impl Engine {
@@ -224,6 +246,7 @@ impl Engine {
                     Err(_) => return,
                 }
             }
+            self.stats.active.store(active.len(), Ordering::Relaxed);
             while active.len() < self.max_active {
                 match rx.try_recv() {
                     Ok(job) => active.push(self.start(job)),
@@ -237,6 +260,7 @@ impl Engine {
                 }
             }
             active.retain_mut(|seq| self.advance(seq));
+            self.stats.active.store(active.len(), Ordering::Relaxed);
         }
     }
 
@@ -271,6 +295,7 @@ impl Engine {
     fn advance(&self, seq: &mut Sequence) -> bool {
         if seq.job.events.is_closed() {
             tracing::debug!(parent: &seq.span, "client gone; generation stopped");
+            self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
             return false;
         }
         let span = seq.span.clone();
@@ -308,6 +333,7 @@ impl Engine {
         let logits_t = candle_core::Tensor::new(logits.as_slice(), &candle_core::Device::Cpu)?;
         let next = seq.sampler.sample(&logits_t)?;
         seq.generated.push(next);
+        self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
         seq.pending.clear();
         seq.pending.push(next);
 

@@ -16,7 +16,8 @@ use std::sync::Arc;
 
 pub use bert::MiniLm;
 pub use generate::{
-    FinishReason, GenerateConfig, GenerateEvent, GenerateHandle, GenerateRequest, SamplingParams,
+    FinishReason, GenerateConfig, GenerateEvent, GenerateHandle, GenerateRequest, GenerateStats,
+    SamplingParams,
 };
 pub use gguf_tokenizer::{GgufTokenizer, TokenizerError};
 pub use template::{ChatTemplate, TemplateMessage};

@@ -49,7 +49,13 @@ async fn models_lists_ids_only_and_needs_a_key() {
     assert_eq!(r.status, 200);
     let v = r.json();
     assert_eq!(v["object"], "list");
-    assert_eq!(v["data"][0]["id"], "all-MiniLM-L6-v2");
+    let ids: Vec<&str> = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["SmolLM2-135M-Instruct", "all-MiniLM-L6-v2"]);
     assert_eq!(v["data"][0]["object"], "model");
     assert!(!r.text.contains('/'), "a path in /v1/models: {}", r.text);
     t.server.shutdown().await;

@@ -7,5 +7,6 @@ mod auth;
 mod bad_input;
 mod embeddings;
 mod faults;
+mod generation;
 mod openai_client;
 mod sanitizer;
