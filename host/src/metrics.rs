@@ -22,12 +22,18 @@ struct FaultLabels {
     kind: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModelLabels {
+    model: String,
+}
+
 /// The host's metrics.
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
     requests: Family<Vec<(String, String)>, Counter>,
     plugin_faults: Family<FaultLabels, Counter>,
+    engine_errors: Family<ModelLabels, Counter>,
     label_sets: Mutex<HashSet<Vec<(String, String)>>>,
 }
 
@@ -53,10 +59,17 @@ impl Metrics {
             "Plugin calls that trapped, timed out, hit the memory cap or returned malformed results",
             plugin_faults.clone(),
         );
+        let engine_errors = Family::<ModelLabels, Counter>::default();
+        registry.register(
+            "engine_errors",
+            "Requests the model failed on (answered 500), by model",
+            engine_errors.clone(),
+        );
         Self {
             registry,
             requests,
             plugin_faults,
+            engine_errors,
             label_sets: Mutex::new(HashSet::new()),
         }
     }
@@ -74,6 +87,24 @@ impl Metrics {
         }
         drop(sets);
         self.requests.get_or_create(&labels).inc();
+    }
+
+    /// Count one engine failure of `model`.
+    pub fn record_engine_error(&self, model: &str) {
+        self.engine_errors
+            .get_or_create(&ModelLabels {
+                model: model.to_string(),
+            })
+            .inc();
+    }
+
+    /// Engine failures counted for `model`.
+    pub fn engine_error_count(&self, model: &str) -> u64 {
+        self.engine_errors
+            .get(&ModelLabels {
+                model: model.to_string(),
+            })
+            .map_or(0, |c| c.get())
     }
 
     /// Faults counted for `slot` and `kind`, over all plugins.

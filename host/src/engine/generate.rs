@@ -136,6 +136,8 @@ pub struct GenerateStats {
     pub generated_tokens: AtomicU64,
     /// Sequences ended early because their client went away.
     pub cancelled: AtomicU64,
+    /// Test hook: this many coming steps fail as if the model had failed.
+    inject_failures: AtomicUsize,
 }
 
 /// A cloneable handle to a text model's engine thread.
@@ -186,6 +188,13 @@ impl GenerateHandle {
     /// The thread's live counters.
     pub fn stats(&self) -> &GenerateStats {
         &self.stats
+    }
+
+    /// Fault injection for tests: make the next `n` engine steps fail, through the same path
+    /// as a real model failure.
+    #[doc(hidden)]
+    pub fn inject_failures(&self, n: usize) {
+        self.stats.inject_failures.store(n, Ordering::SeqCst);
     }
 
     /// The model's tokenizer.
@@ -327,6 +336,13 @@ impl Engine {
                 prompt_tokens: request.prompt.len(),
                 completion_tokens: 0,
             }));
+        }
+        let injected =
+            self.stats
+                .inject_failures
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        if injected.is_ok() {
+            return Err(EngineError::Model("injected fault".into()));
         }
         let mut logits = self.weights.forward(&seq.pending, &mut seq.cache)?;
         apply_penalties(&mut logits, &seq.generated, &request.sampling);

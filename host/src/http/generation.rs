@@ -27,6 +27,7 @@ use crate::engine::{
     EngineError, FinishReason, GenerateEvent, GenerateRequest, TemplateMessage, TextModel,
 };
 use crate::error::ApiError;
+use crate::metrics::Metrics;
 use crate::plugins::{
     ChatMessage, InferenceInput, InputKind, OutputFilter, Payload, RequestMeta, SanitizerSession,
 };
@@ -193,6 +194,8 @@ struct Generation {
     session: SanitizerSession,
     filter: OutputFilter,
     request_id: Arc<str>,
+    model: String,
+    metrics: Arc<Metrics>,
 }
 
 /// One step of a generation, after the output filter.
@@ -209,6 +212,10 @@ enum Step {
 }
 
 impl Generation {
+    fn failed(&self, e: EngineError) -> ApiError {
+        engine_error(e, &self.request_id, &self.model, &self.metrics)
+    }
+
     async fn next(&mut self) -> Result<Step, ApiError> {
         match self.events.recv().await {
             Some(GenerateEvent::Delta(text)) => {
@@ -228,8 +235,8 @@ impl Generation {
                     completion_tokens,
                 })
             }
-            Some(GenerateEvent::Failed(e)) => Err(engine_error(e, &self.request_id)),
-            None => Err(engine_error(EngineError::Stopped, &self.request_id)),
+            Some(GenerateEvent::Failed(e)) => Err(self.failed(e)),
+            None => Err(self.failed(EngineError::Stopped)),
         }
     }
 }
@@ -290,6 +297,10 @@ where
         run(api, &ctx, model, params, input).await
     })
     .await
+}
+
+fn failed(ctx: &Ctx, model: &TextModel, e: EngineError) -> ApiError {
+    engine_error(e, &ctx.meta.request_id, &model.id, &ctx.state.metrics)
 }
 
 /// Sanitize, tokenize, check the window, queue; then answer whole or as a stream.
@@ -354,7 +365,7 @@ async fn run(
             }
             Payload::Texts(texts) => tokenizer.encode(&texts.concat(), true, true),
         }
-        .map_err(|e| engine_error(EngineError::Model(e.to_string()), &ctx.meta.request_id))?,
+        .map_err(|e| failed(ctx, model, EngineError::Model(e.to_string())))?,
     };
     if prompt.is_empty() {
         return Err(ApiError::bad(
@@ -386,13 +397,15 @@ async fn run(
             stop: params.stop,
             span: tracing::Span::current(),
         })
-        .map_err(|e| engine_error(e, &ctx.meta.request_id))?;
+        .map_err(|e| failed(ctx, model, e))?;
     let filter = session.output_filter(api.kind()).await?;
     let mut generation = Generation {
         events,
         session,
         filter,
         request_id: ctx.meta.request_id.clone(),
+        model: model.id.clone(),
+        metrics: ctx.state.metrics.clone(),
     };
     let shape = Shape::new(api, &model.id);
     if params.stream {
@@ -472,7 +485,10 @@ fn stream(generation: Generation, shape: Shape, include_usage: bool) -> Response
                         return Some((out, None));
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e, "stream ended by an error");
+                        // Engine errors are logged where they are made; the rest here.
+                        if !matches!(e, ApiError::Engine) {
+                            tracing::warn!(error = %e, "stream ended by an error");
+                        }
                         out.push(e.body().to_string());
                         return Some((out, None));
                     }
@@ -518,7 +534,7 @@ where
             .handle
             .tokenizer()
             .encode(&r.content, r.add_special, r.parse_special)
-            .map_err(|e| engine_error(EngineError::Model(e.to_string()), &ctx.meta.request_id))?;
+            .map_err(|e| failed(&ctx, model, EngineError::Model(e.to_string())))?;
         Ok(warp::reply::json(&json!({ "tokens": tokens })).into_response())
     })
     .await

@@ -19,6 +19,7 @@ use super::types::{
 use crate::AppState;
 use crate::engine::EngineError;
 use crate::error::ApiError;
+use crate::metrics::Metrics;
 use crate::plugins::{
     InferenceInput, InputKind, Payload, PluginSet, Principal, RequestMeta, RequestSummary,
 };
@@ -71,9 +72,9 @@ where
         };
         let response = result.unwrap_or_else(|e| {
             match &e {
-                ApiError::Engine | ApiError::PolicyFailure(_) => {
-                    tracing::warn!(error = %e, "request failed")
-                }
+                // Engine errors were logged where they happened, with their cause.
+                ApiError::PolicyFailure(_) => tracing::warn!(error = %e, "request failed"),
+                ApiError::Engine => {}
                 _ => tracing::debug!(status = e.status().as_u16(), "request refused"),
             }
             e.into_response()
@@ -193,11 +194,19 @@ pub(super) fn parse_json<T: serde::de::DeserializeOwned>(
     })
 }
 
-pub(super) fn engine_error(e: EngineError, request_id: &str) -> ApiError {
+/// The API error for an engine failure. A real failure (not a full queue) is logged here,
+/// once, with the request id, and counted; the client gets a generic 500.
+pub(super) fn engine_error(
+    e: EngineError,
+    request_id: &str,
+    model: &str,
+    metrics: &Metrics,
+) -> ApiError {
     match e {
         EngineError::QueueFull => ApiError::Busy,
         e => {
-            tracing::error!(request_id, error = %e, "engine error");
+            tracing::error!(request_id, model, error = %e, "engine error");
+            metrics.record_engine_error(model);
             ApiError::Engine
         }
     }
@@ -247,7 +256,9 @@ where
                 .embed(texts)
                 .instrument(tracing::debug_span!("engine.embed"))
                 .await
-                .map_err(|e| engine_error(e, &ctx.meta.request_id))?;
+                .map_err(|e| {
+                    engine_error(e, &ctx.meta.request_id, model.id(), &ctx.state.metrics)
+                })?;
             let prompt_tokens = embeddings.iter().map(|e| e.tokens).sum();
             let data = embeddings
                 .into_iter()

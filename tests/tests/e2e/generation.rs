@@ -562,3 +562,37 @@ async fn generated_addresses_never_reach_the_client() {
     }
     t.server.shutdown().await;
 }
+
+#[tokio::test]
+async fn engine_failures_are_500s_counted_and_the_server_goes_on() {
+    let t = start(config()).await;
+    let services = t.server.state().services().unwrap();
+    let model = services.text_model(TEXT_MODEL).unwrap();
+    let metrics = &t.server.state().metrics;
+    let body = json!({"model": TEXT_MODEL, "prompt": "The capital of France is",
+        "temperature": 0, "max_tokens": 8});
+
+    // Whole: a generic 500, no cause, counted once.
+    model.handle.inject_failures(1);
+    let e = t.infer("/v1/completions", body.clone()).await.error(500);
+    assert_eq!(e["code"], "engine_error");
+    assert!(!e["message"].as_str().unwrap().contains("injected"), "{e}");
+    assert_eq!(metrics.engine_error_count(TEXT_MODEL), 1);
+
+    // Streamed: the failure ends the stream with an error event, not a cut socket.
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    model.handle.inject_failures(1);
+    let reply = t.infer("/v1/completions", streamed).await;
+    assert_eq!(reply.status, 200);
+    let events = Events::parse(&reply.text);
+    assert!(!events.done);
+    let last = events.chunks.last().unwrap();
+    assert_eq!(last["error"]["code"], "engine_error", "{last}");
+    assert_eq!(metrics.engine_error_count(TEXT_MODEL), 2);
+
+    // And the next request is served normally.
+    let ok = t.infer("/v1/completions", body).await;
+    assert_eq!(ok.status, 200, "{}", ok.text);
+    t.server.shutdown().await;
+}
