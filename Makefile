@@ -14,7 +14,7 @@ OPENAI_VERSION := 2.54.0
 MINILM := $(MODELS_DIR)/all-MiniLM-L6-v2/model.safetensors
 SMOLLM := $(MODELS_DIR)/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: run build plugins models wasm-target venv lint test fmt clean
+.PHONY: run build plugins models wasm-target venv bench-venv bench lint test fmt clean
 
 ## Serve on $WARDEN_LISTEN (default 127.0.0.1:8080); honours every WARDEN_* variable.
 run: wasm-target models plugins build
@@ -59,6 +59,23 @@ venv: .venv/.openai-$(OPENAI_VERSION)
 	$(PYTHON) -m venv .venv
 	.venv/bin/pip install --quiet openai==$(OPENAI_VERSION)
 	touch $@
+
+## llama.cpp (compiled for this CPU, ~4 minutes the first time) for the benchmark; not for tests.
+LLAMA_CPP_VERSION := 0.3.36
+bench-venv: .bench-venv/.llama-cpp-$(LLAMA_CPP_VERSION)
+
+.bench-venv/.llama-cpp-$(LLAMA_CPP_VERSION):
+	$(PYTHON) -m venv .bench-venv
+	CMAKE_ARGS="-DGGML_NATIVE=ON" .bench-venv/bin/pip install --quiet \
+		'llama-cpp-python[server]==$(LLAMA_CPP_VERSION)' openai==$(OPENAI_VERSION)
+	touch $@
+
+## Warden next to llama.cpp on this machine, in one run (docs/performance.md).
+BENCH_ROUNDS ?= 3
+bench: models plugins bench-venv
+	$(CARGO) build --release --locked -p warden --bin warden --example bench_text
+	.bench-venv/bin/python tests/python/bench_generation.py $(SMOLLM) \
+		target/release/warden target/release/examples/bench_text $(BENCH_ROUNDS)
 
 lint:
 	$(CARGO) fmt --all --check

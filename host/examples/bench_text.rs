@@ -1,0 +1,68 @@
+//! In-process prefill and decode speed of Warden's llama decoder, measured as
+//! `../shared/BENCHMARKS.md` measures llama.cpp: prefill = one forward pass over N prompt
+//! tokens on an empty cache; decode = 128 single-token steps after a short prompt, greedy.
+//! Prints one JSON object per figure (median of `runs` after a warm-up).
+//!
+//! `cargo run --release --example bench_text -- MODEL.gguf [runs]`
+
+use std::time::Instant;
+
+use candle_core::Device;
+use warden::engine::llama::{Weights, argmax};
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Deterministic prompt tokens (ordinary word tokens, no specials).
+fn prompt(n: usize) -> Vec<u32> {
+    (0..n).map(|i| 1000 + ((i * 7919) % 30000) as u32).collect()
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let path = args.next().expect("usage: bench_text MODEL.gguf [runs]");
+    let runs: usize = args.next().map_or(5, |r| r.parse().expect("runs"));
+    let mut file = std::fs::File::open(&path).expect("open model");
+    let content = candle_core::quantized::gguf_file::Content::read(&mut file).expect("gguf");
+    let weights = Weights::from_gguf(&content, &mut file, &Device::Cpu).expect("weights");
+
+    for n in [64usize, 512] {
+        let tokens = prompt(n);
+        let mut times = Vec::new();
+        for run in 0..=runs {
+            let mut cache = weights.new_cache();
+            let t = Instant::now();
+            weights.forward(&tokens, &mut cache).expect("forward");
+            if run > 0 {
+                times.push(t.elapsed().as_secs_f64());
+            }
+        }
+        let s = median(times);
+        println!(
+            "{{\"figure\": \"prefill_{n}\", \"tok_per_s\": {:.1}, \"seconds\": {s:.4}}}",
+            n as f64 / s
+        );
+    }
+
+    let steps = 128;
+    let mut times = Vec::new();
+    for run in 0..=runs {
+        let mut cache = weights.new_cache();
+        let mut logits = weights.forward(&prompt(16), &mut cache).expect("prompt");
+        let t = Instant::now();
+        for _ in 0..steps {
+            let next = argmax(&logits);
+            logits = weights.forward(&[next], &mut cache).expect("step");
+        }
+        if run > 0 {
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    let s = median(times);
+    println!(
+        "{{\"figure\": \"decode_{steps}\", \"tok_per_s\": {:.1}, \"seconds\": {s:.4}}}",
+        steps as f64 / s
+    );
+}

@@ -1,0 +1,174 @@
+"""Warden next to llama.cpp on this machine, in one run: prefill and decode in-process, and
+chat through each one's OpenAI-compatible HTTP server.
+
+Usage (from the workspace root, see docs/performance.md):
+    python bench_generation.py MODEL.gguf WARDEN_BIN BENCH_TEXT_BIN [rounds]
+
+Needs llama-cpp-python[server]==0.3.36 built with CMAKE_ARGS=-DGGML_NATIVE=ON, and openai.
+In-process figures alternate A/B for `rounds` rounds (each a warm-up plus 5 timed runs) and
+report medians; HTTP figures are medians of 5 requests after a warm-up, or one timed burst.
+"""
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+
+import numpy as np
+from llama_cpp import Llama
+
+MODEL, WARDEN, BENCH_TEXT = sys.argv[1], sys.argv[2], sys.argv[3]
+ROUNDS = int(sys.argv[4]) if len(sys.argv) > 4 else 3
+THREADS = 2
+RUNS = 5
+
+
+def prompt(n):
+    """The same deterministic token ids as host/examples/bench_text.rs."""
+    return [1000 + (i * 7919) % 30000 for i in range(n)]
+
+
+def llama_figures(llm):
+    out = {}
+    for n in (64, 512):
+        times = []
+        for run in range(RUNS + 1):
+            llm.reset()
+            t = time.perf_counter()
+            llm.eval(prompt(n))
+            if run:
+                times.append(time.perf_counter() - t)
+        out[f"prefill_{n}"] = n / statistics.median(times)
+    times = []
+    for run in range(RUNS + 1):
+        llm.reset()
+        llm.eval(prompt(16))
+        t = time.perf_counter()
+        for _ in range(128):
+            logits = np.ctypeslib.as_array(
+                __import__("llama_cpp").llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+            llm.eval([int(np.argmax(logits))])
+        if run:
+            times.append(time.perf_counter() - t)
+    out["decode_128"] = 128 / statistics.median(times)
+    return out
+
+
+def warden_figures():
+    res = subprocess.run([BENCH_TEXT, MODEL, str(RUNS)], check=True, capture_output=True, text=True)
+    return {(d := json.loads(line))["figure"]: d["tok_per_s"] for line in res.stdout.splitlines()}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except Exception:
+            pass
+        time.sleep(0.25)
+    raise SystemExit(f"server at {url} not ready")
+
+
+def chat_figures(base, key, model):
+    import openai
+
+    client = openai.OpenAI(base_url=base, api_key=key, max_retries=0, timeout=600)
+    messages = [{"role": "user", "content": "Write a long story about a dragon who learns to cook."}]
+
+    def one():
+        t = time.perf_counter()
+        r = client.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=64)
+        return time.perf_counter() - t, r.usage.completion_tokens
+
+    one()
+    runs = [one() for _ in range(RUNS)]
+    latency = statistics.median(t for t, _ in runs)
+    tokens = statistics.median(n for _, n in runs)
+
+    results = []
+
+    def client_loop():
+        for _ in range(2):
+            results.append(one()[1])
+
+    threads = [threading.Thread(target=client_loop) for _ in range(8)]
+    t = time.perf_counter()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    aggregate = sum(results) / (time.perf_counter() - t)
+    return {"chat_64_latency_ms": latency * 1000, "chat_64_tokens": tokens,
+            "chat_8_clients_tok_per_s": aggregate}
+
+
+def http_figures():
+    out = {}
+    # Warden.
+    port = free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        env = dict(os.environ, WARDEN_LISTEN=f"127.0.0.1:{port}", WARDEN_API_KEY="bench-key",
+                   WARDEN_MODELS_DIR=os.path.dirname(os.path.abspath(MODEL)),
+                   WARDEN_TEXT_MODEL=os.path.basename(MODEL), RUST_LOG="warn")
+        proc = subprocess.Popen([WARDEN, "serve"], env=env, cwd=os.getcwd(),
+                                stdout=subprocess.DEVNULL, stderr=open(os.path.join(tmp, "log"), "w"))
+        try:
+            wait_ready(f"http://127.0.0.1:{port}/ready")
+            out["warden"] = chat_figures(f"http://127.0.0.1:{port}/v1", "bench-key", "SmolLM2-135M-Instruct")
+        finally:
+            proc.terminate()
+            proc.wait()
+    # llama.cpp's server.
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", MODEL,
+                             "--n_threads", str(THREADS), "--n_threads_batch", str(THREADS),
+                             "--n_ctx", "8192", "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/v1/models")
+        out["llama.cpp"] = chat_figures(f"http://127.0.0.1:{port}/v1", "none", "x")
+    finally:
+        proc.terminate()
+        proc.wait()
+    return out
+
+
+def main():
+    llm = Llama(model_path=MODEL, n_ctx=2048, n_threads=THREADS, n_threads_batch=THREADS,
+                n_batch=512, verbose=False)
+    peer, ours = [], []
+    for _ in range(ROUNDS):
+        peer.append(llama_figures(llm))
+        ours.append(warden_figures())
+    del llm
+    print("| figure | Warden | llama.cpp | Warden / llama.cpp |")
+    print("|---|---|---|---|")
+    for fig in ("prefill_64", "prefill_512", "decode_128"):
+        w = statistics.median(r[fig] for r in ours)
+        p = statistics.median(r[fig] for r in peer)
+        print(f"| {fig} (tok/s, in-process) | {w:.0f} | {p:.0f} | {w / p:.2f} |")
+    http = http_figures()
+    w, p = http["warden"], http["llama.cpp"]
+    print(f"| chat, max_tokens 64, one client (ms/request) | {w['chat_64_latency_ms']:.0f} "
+          f"({w['chat_64_tokens']:.0f} tokens) | {p['chat_64_latency_ms']:.0f} ({p['chat_64_tokens']:.0f} tokens) "
+          f"| {p['chat_64_latency_ms'] / w['chat_64_latency_ms']:.2f} (speed) |")
+    print(f"| chat, 8 concurrent clients (aggregate tok/s) | {w['chat_8_clients_tok_per_s']:.0f} "
+          f"| {p['chat_8_clients_tok_per_s']:.0f} | {w['chat_8_clients_tok_per_s'] / p['chat_8_clients_tok_per_s']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
