@@ -11,6 +11,8 @@ use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
 use candle_nn::Embedding;
 use candle_transformers::quantized_nn::RmsNorm;
 
+use super::q4_1::Q41Matrix;
+
 /// Shape of the model, from the GGUF metadata.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LlamaConfig {
@@ -70,17 +72,40 @@ impl LlamaConfig {
     }
 }
 
+/// A weight matrix: Q4_1 through Warden's SIMD kernel, anything else through candle's.
+#[derive(Debug)]
+enum Linear {
+    Q41(Q41Matrix),
+    Candle(QMatMul),
+}
+
+impl Linear {
+    fn new(t: QTensor) -> Result<Self> {
+        Ok(match Q41Matrix::from_qtensor(&t)? {
+            Some(m) => Linear::Q41(m),
+            None => Linear::Candle(QMatMul::from_qtensor(t)?),
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Linear::Q41(m) => m.forward(x),
+            Linear::Candle(m) => m.forward(x),
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Layer {
-    wq: QMatMul,
-    wk: QMatMul,
-    wv: QMatMul,
-    wo: QMatMul,
+    wq: Linear,
+    wk: Linear,
+    wv: Linear,
+    wo: Linear,
     attn_norm: RmsNorm,
     ffn_norm: RmsNorm,
-    gate: QMatMul,
-    up: QMatMul,
-    down: QMatMul,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
 }
 
 /// The shared, immutable model.
@@ -91,7 +116,7 @@ pub struct Weights {
     embeddings: Embedding,
     layers: Vec<Layer>,
     norm: RmsNorm,
-    output: QMatMul,
+    output: Linear,
     cos: Tensor,
     sin: Tensor,
     device: Device,
@@ -135,8 +160,8 @@ impl Weights {
         };
         let mut layers = Vec::with_capacity(config.n_layer);
         for i in 0..config.n_layer {
-            let mut q = |n: &str| -> Result<QMatMul> {
-                QMatMul::from_qtensor(tensor(&format!("blk.{i}.{n}.weight"))?)
+            let mut q = |n: &str| -> Result<Linear> {
+                Linear::new(tensor(&format!("blk.{i}.{n}.weight"))?)
             };
             let (wq, wk, wv, wo) = (q("attn_q")?, q("attn_k")?, q("attn_v")?, q("attn_output")?);
             let (gate, up, down) = (q("ffn_gate")?, q("ffn_up")?, q("ffn_down")?);
@@ -166,7 +191,7 @@ impl Weights {
             embeddings,
             layers,
             norm,
-            output: QMatMul::from_qtensor(output)?,
+            output: Linear::new(output)?,
             cos,
             sin,
             device: device.clone(),

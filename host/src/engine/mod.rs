@@ -8,6 +8,7 @@ mod bert;
 mod generate;
 mod gguf_tokenizer;
 pub mod llama;
+pub mod q4_1;
 mod template;
 mod worker;
 

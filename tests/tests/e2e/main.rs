@@ -5,6 +5,7 @@
 
 mod auth;
 mod bad_input;
+mod decoder;
 mod embeddings;
 mod faults;
 mod generation;
