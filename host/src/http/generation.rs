@@ -303,6 +303,30 @@ fn failed(ctx: &Ctx, model: &TextModel, e: EngineError) -> ApiError {
     engine_error(e, &ctx.meta.request_id, &model.id, &ctx.state.metrics)
 }
 
+/// Run tokenizer or template work on a blocking thread. `f` answers either the result or a
+/// client error (`Ok`), or an engine failure (`Err`, logged and counted as such).
+async fn blocking<T, F>(ctx: &Ctx, model: &TextModel, f: F) -> Result<T, ApiError>
+where
+    T: Send + 'static,
+    F: FnOnce(&TextModel) -> Result<Result<T, ApiError>, EngineError> + Send + 'static,
+{
+    let state = ctx.state.clone();
+    let id = model.id.clone();
+    let outcome = tokio::task::spawn_blocking(move || {
+        let model = state
+            .services()
+            .and_then(|s| s.text_model(&id))
+            .ok_or(EngineError::Stopped)?;
+        f(model)
+    })
+    .await
+    .unwrap_or_else(|_| Err(EngineError::Model("the tokenizer panicked".into())));
+    match outcome {
+        Ok(result) => result,
+        Err(e) => Err(failed(ctx, model, e)),
+    }
+}
+
 /// Sanitize, tokenize, check the window, queue; then answer whole or as a stream.
 async fn run(
     api: Api,
@@ -311,17 +335,20 @@ async fn run(
     params: GenParams,
     input: Input,
 ) -> Result<Response, ApiError> {
-    let tokenizer = model.handle.tokenizer();
     let param = api.prompt_param();
-    let payload = match &input {
-        Input::Messages(m) => Payload::Messages(m.clone()),
-        Input::Text(t) => Payload::Texts(vec![t.clone()]),
-        Input::Tokens(ids) => Payload::Texts(vec![
-            tokenizer
-                .decode(ids)
-                .map_err(|e| ApiError::bad(param, e.to_string()))?,
-        ]),
-    };
+    // Tokenizer and template work grows with the body (up to `body_limit_bytes`): off the reactor.
+    let (input, payload) = blocking(ctx, model, move |model| {
+        let payload = match &input {
+            Input::Messages(m) => Payload::Messages(m.clone()),
+            Input::Text(t) => Payload::Texts(vec![t.clone()]),
+            Input::Tokens(ids) => match model.handle.tokenizer().decode(ids) {
+                Ok(text) => Payload::Texts(vec![text]),
+                Err(e) => return Ok(Err(ApiError::bad(param, e.to_string()))),
+            },
+        };
+        Ok(Ok((input, payload)))
+    })
+    .await?;
     let session = ctx
         .plugins
         .sanitizer_session(&ctx.meta.request_id)
@@ -341,32 +368,40 @@ async fn run(
         .await?
         .map_err(ApiError::Refused)?;
 
-    let prompt = match (input, checked == payload) {
-        (Input::Tokens(ids), true) => ids,
-        _ => match checked {
-            Payload::Messages(messages) => {
-                let template = model.template.as_ref().ok_or_else(|| {
-                    ApiError::bad(
-                        "messages",
-                        "this model has no chat template; use /v1/completions",
-                    )
-                })?;
-                let messages: Vec<TemplateMessage> = messages
-                    .into_iter()
-                    .map(|m| TemplateMessage {
-                        role: m.role,
-                        content: m.content,
-                    })
-                    .collect();
-                let text = template
-                    .render(&messages)
-                    .map_err(|e| ApiError::bad("messages", e))?;
-                tokenizer.encode(&text, true, true)
-            }
-            Payload::Texts(texts) => tokenizer.encode(&texts.concat(), true, true),
-        }
-        .map_err(|e| failed(ctx, model, EngineError::Model(e.to_string())))?,
-    };
+    let unchanged = checked == payload;
+    let prompt = blocking(ctx, model, move |model| {
+        let tokenizer = model.handle.tokenizer();
+        let text = match (input, unchanged) {
+            (Input::Tokens(ids), true) => return Ok(Ok(ids)),
+            (_, _) => match checked {
+                Payload::Messages(messages) => {
+                    let Some(template) = model.template.as_ref() else {
+                        return Ok(Err(ApiError::bad(
+                            "messages",
+                            "this model has no chat template; use /v1/completions",
+                        )));
+                    };
+                    let messages: Vec<TemplateMessage> = messages
+                        .into_iter()
+                        .map(|m| TemplateMessage {
+                            role: m.role,
+                            content: m.content,
+                        })
+                        .collect();
+                    match template.render(&messages) {
+                        Ok(text) => text,
+                        Err(e) => return Ok(Err(ApiError::bad("messages", e))),
+                    }
+                }
+                Payload::Texts(texts) => texts.concat(),
+            },
+        };
+        let ids = tokenizer
+            .encode(&text, true, true)
+            .map_err(|e| EngineError::Model(e.to_string()))?;
+        Ok(Ok(ids))
+    })
+    .await?;
     if prompt.is_empty() {
         return Err(ApiError::bad(
             param,
@@ -530,11 +565,14 @@ where
         let services = ctx.state.services().ok_or(ApiError::NotReady)?;
         let model = text_model(services, r.model.as_deref())?;
         let _ = ctx.model.set(model.id.clone());
-        let tokens = model
-            .handle
-            .tokenizer()
-            .encode(&r.content, r.add_special, r.parse_special)
-            .map_err(|e| failed(&ctx, model, EngineError::Model(e.to_string())))?;
+        let tokens = blocking(&ctx, model, move |model| {
+            let tokenizer = model.handle.tokenizer();
+            let ids = tokenizer
+                .encode(&r.content, r.add_special, r.parse_special)
+                .map_err(|e| EngineError::Model(e.to_string()))?;
+            Ok(Ok(ids))
+        })
+        .await?;
         Ok(warp::reply::json(&json!({ "tokens": tokens })).into_response())
     })
     .await
@@ -553,11 +591,14 @@ where
         let services = ctx.state.services().ok_or(ApiError::NotReady)?;
         let model = text_model(services, r.model.as_deref())?;
         let _ = ctx.model.set(model.id.clone());
-        let content = model
-            .handle
-            .tokenizer()
-            .decode(&r.tokens)
-            .map_err(|e| ApiError::bad("tokens", e.to_string()))?;
+        let content = blocking(&ctx, model, move |model| {
+            Ok(model
+                .handle
+                .tokenizer()
+                .decode(&r.tokens)
+                .map_err(|e| ApiError::bad("tokens", e.to_string())))
+        })
+        .await?;
         Ok(warp::reply::json(&json!({ "content": content })).into_response())
     })
     .await
