@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::plugins::{Limits, MAX_MEMORY_BYTES, Slot};
+use crate::plugins::{FailurePolicy, Limits, LoadError, MAX_MEMORY_BYTES, PluginSource, Slot};
 
 /// A secret string: usable, never printed.
 #[derive(Clone, Deserialize, PartialEq, Eq)]
@@ -45,6 +45,9 @@ pub struct SlotConfig {
     pub deadline_ms: u64,
     /// Memory cap in MiB.
     pub memory_mib: u64,
+    /// What a fault does: `closed` (auth and sanitizer: the only choice) or, for the
+    /// metrics policy, `open` (its default: record under route and status class).
+    pub failure: Option<FailurePolicy>,
 }
 
 impl Default for SlotConfig {
@@ -56,6 +59,7 @@ impl Default for SlotConfig {
             config: serde_json::Map::new(),
             deadline_ms: limits.deadline.as_millis() as u64,
             memory_mib: (limits.memory_bytes >> 20) as u64,
+            failure: None,
         }
     }
 }
@@ -142,6 +146,12 @@ pub struct Config {
     pub engine: EngineConfig,
     /// Plugin slots.
     pub plugins: PluginsConfig,
+    /// Admin API listen address; the admin API runs only when `admin_token` is set.
+    pub admin_listen: SocketAddr,
+    /// Bearer token for the admin API (at least 32 characters).
+    pub admin_token: Option<Secret>,
+    /// Where compiled plugins are cached; empty turns the disk cache off.
+    pub cache_dir: PathBuf,
 }
 
 impl Default for Config {
@@ -157,9 +167,15 @@ impl Default for Config {
             body_limit_bytes: 2 * 1024 * 1024,
             engine: EngineConfig::default(),
             plugins: PluginsConfig::default(),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
+            admin_token: None,
+            cache_dir: PathBuf::from(".warden/cache"),
         }
     }
 }
+
+/// Shortest admin token accepted: a token an operator could guess or type is refused.
+pub const MIN_ADMIN_TOKEN_LEN: usize = 32;
 
 /// The GGUF served for chat and completions unless configured otherwise.
 pub const DEFAULT_TEXT_MODEL: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -241,6 +257,25 @@ impl Config {
                     MAX_MEMORY_BYTES >> 20
                 )));
             }
+            if s.failure == Some(FailurePolicy::Open) && slot != Slot::MetricsPolicy {
+                return Err(ConfigError::Invalid(format!(
+                    "plugins.{slot}.failure must be \"closed\": only the metrics policy may fail open"
+                )));
+            }
+            if let Some(d) = &s.sha256
+                && (d.len() != 64 || !d.bytes().all(|b| b.is_ascii_hexdigit()))
+            {
+                return Err(ConfigError::Invalid(format!(
+                    "plugins.{slot}.sha256 must be 64 hexadecimal digits"
+                )));
+            }
+        }
+        if let Some(t) = &self.admin_token
+            && t.expose().len() < MIN_ADMIN_TOKEN_LEN
+        {
+            return Err(ConfigError::Invalid(format!(
+                "admin_token must be at least {MIN_ADMIN_TOKEN_LEN} characters"
+            )));
         }
         if self.engine.queue_capacity == 0
             || self.engine.max_batch == 0
@@ -271,6 +306,51 @@ impl Config {
         name.split('.').next().unwrap_or_default().to_string()
     }
 
+    /// The slot's plugin, read from its file, with `config_json` as its configuration.
+    pub fn plugin_source(
+        &self,
+        slot: Slot,
+        config_json: String,
+    ) -> Result<PluginSource, LoadError> {
+        let s = self.plugins.slot(slot);
+        let mut source = PluginSource::from_file(
+            slot,
+            &self.plugin_file(slot),
+            s.sha256.clone(),
+            config_json,
+            s.limits(),
+        )?;
+        source.failure = s.failure.unwrap_or(FailurePolicy::default_for(slot));
+        Ok(source)
+    }
+
+    /// The slot's own configuration table as JSON text.
+    pub fn plugin_config_json(&self, slot: Slot) -> String {
+        serde_json::Value::Object(self.plugins.slot(slot).config.clone()).to_string()
+    }
+
+    /// The settings that differ from `other` and take effect only on a restart.
+    pub fn restart_required(&self, other: &Config) -> Vec<&'static str> {
+        let mut changed = Vec::new();
+        let mut check = |name, differs: bool| {
+            if differs {
+                changed.push(name);
+            }
+        };
+        check("listen", self.listen != other.listen);
+        check("models_dir", self.models_dir != other.models_dir);
+        check("text_model", self.text_model != other.text_model);
+        check(
+            "body_limit_bytes",
+            self.body_limit_bytes != other.body_limit_bytes,
+        );
+        check("engine", self.engine != other.engine);
+        check("admin_listen", self.admin_listen != other.admin_listen);
+        check("admin_token", self.admin_token != other.admin_token);
+        check("cache_dir", self.cache_dir != other.cache_dir);
+        changed
+    }
+
     /// The component file of `slot`.
     pub fn plugin_file(&self, slot: Slot) -> PathBuf {
         match &self.plugins.slot(slot).file {
@@ -280,10 +360,11 @@ impl Config {
     }
 }
 
-/// `warden serve` flags; each also reads a `WARDEN_*` variable.
-#[derive(Debug, Default, clap::Args)]
+/// `warden serve` flags; each also reads a `WARDEN_*` variable. Precedence: flag >
+/// environment > file > built-in default.
+#[derive(Debug, Default, Clone, clap::Args)]
 pub struct ServeArgs {
-    /// TOML configuration file.
+    /// TOML configuration file (re-read on SIGHUP and `POST /admin/reload`).
     #[arg(long, env = "WARDEN_CONFIG")]
     pub config: Option<PathBuf>,
     /// Listen address [default: 127.0.0.1:8080].
@@ -305,32 +386,263 @@ pub struct ServeArgs {
     /// API key with scope `metrics`.
     #[arg(long, env = "WARDEN_METRICS_API_KEY", hide_env_values = true)]
     pub metrics_api_key: Option<String>,
+    /// Where a generated key is kept when none is configured [default: .warden/api-key].
+    #[arg(long, env = "WARDEN_GENERATED_KEY_FILE")]
+    pub generated_key_file: Option<PathBuf>,
+    /// Largest request body in bytes [default: 2097152].
+    #[arg(long, env = "WARDEN_BODY_LIMIT_BYTES")]
+    pub body_limit_bytes: Option<u64>,
+    /// Requests that may wait per model [default: 64].
+    #[arg(long, env = "WARDEN_QUEUE_CAPACITY")]
+    pub queue_capacity: Option<usize>,
+    /// Most texts per embedding forward pass [default: 32].
+    #[arg(long, env = "WARDEN_MAX_BATCH")]
+    pub max_batch: Option<usize>,
+    /// Text sequences generated together [default: 4].
+    #[arg(long, env = "WARDEN_MAX_SEQUENCES")]
+    pub max_sequences: Option<usize>,
+    /// Admin API listen address [default: 127.0.0.1:8081].
+    #[arg(long, env = "WARDEN_ADMIN_LISTEN")]
+    pub admin_listen: Option<SocketAddr>,
+    /// Admin API bearer token, at least 32 characters; the admin API is off without it.
+    #[arg(long, env = "WARDEN_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Compiled-plugin cache directory; empty turns it off [default: .warden/cache].
+    #[arg(long, env = "WARDEN_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// auth plugin: component file, relative to the plugin directory.
+    #[arg(long = "auth-plugin", env = "WARDEN_AUTH_PLUGIN", value_name = "FILE")]
+    pub auth_plugin: Option<PathBuf>,
+    /// auth plugin: required sha256 of the component (hex).
+    #[arg(
+        long = "auth-plugin-sha256",
+        env = "WARDEN_AUTH_PLUGIN_SHA256",
+        value_name = "HEX"
+    )]
+    pub auth_plugin_sha256: Option<String>,
+    /// auth plugin: its configuration, a JSON object (replaces the file's table).
+    #[arg(
+        long = "auth-plugin-config",
+        env = "WARDEN_AUTH_PLUGIN_CONFIG",
+        value_name = "JSON",
+        hide_env_values = true
+    )]
+    pub auth_plugin_config: Option<String>,
+    /// auth plugin: per-call deadline in milliseconds [default: 10].
+    #[arg(
+        long = "auth-deadline-ms",
+        env = "WARDEN_AUTH_DEADLINE_MS",
+        value_name = "MS"
+    )]
+    pub auth_deadline_ms: Option<u64>,
+    /// auth plugin: memory cap in MiB [default: 16].
+    #[arg(
+        long = "auth-memory-mib",
+        env = "WARDEN_AUTH_MEMORY_MIB",
+        value_name = "MIB"
+    )]
+    pub auth_memory_mib: Option<u64>,
+    /// sanitizer plugin: component file, relative to the plugin directory.
+    #[arg(
+        long = "sanitizer-plugin",
+        env = "WARDEN_SANITIZER_PLUGIN",
+        value_name = "FILE"
+    )]
+    pub sanitizer_plugin: Option<PathBuf>,
+    /// sanitizer plugin: required sha256 of the component (hex).
+    #[arg(
+        long = "sanitizer-plugin-sha256",
+        env = "WARDEN_SANITIZER_PLUGIN_SHA256",
+        value_name = "HEX"
+    )]
+    pub sanitizer_plugin_sha256: Option<String>,
+    /// sanitizer plugin: its configuration, a JSON object (replaces the file's table).
+    #[arg(
+        long = "sanitizer-plugin-config",
+        env = "WARDEN_SANITIZER_PLUGIN_CONFIG",
+        value_name = "JSON",
+        hide_env_values = true
+    )]
+    pub sanitizer_plugin_config: Option<String>,
+    /// sanitizer plugin: per-call deadline in milliseconds [default: 10].
+    #[arg(
+        long = "sanitizer-deadline-ms",
+        env = "WARDEN_SANITIZER_DEADLINE_MS",
+        value_name = "MS"
+    )]
+    pub sanitizer_deadline_ms: Option<u64>,
+    /// sanitizer plugin: memory cap in MiB [default: 16].
+    #[arg(
+        long = "sanitizer-memory-mib",
+        env = "WARDEN_SANITIZER_MEMORY_MIB",
+        value_name = "MIB"
+    )]
+    pub sanitizer_memory_mib: Option<u64>,
+    /// metrics-policy plugin: component file, relative to the plugin directory.
+    #[arg(
+        long = "metrics-policy-plugin",
+        env = "WARDEN_METRICS_POLICY_PLUGIN",
+        value_name = "FILE"
+    )]
+    pub metrics_policy_plugin: Option<PathBuf>,
+    /// metrics-policy plugin: required sha256 of the component (hex).
+    #[arg(
+        long = "metrics-policy-plugin-sha256",
+        env = "WARDEN_METRICS_POLICY_PLUGIN_SHA256",
+        value_name = "HEX"
+    )]
+    pub metrics_policy_plugin_sha256: Option<String>,
+    /// metrics-policy plugin: its configuration, a JSON object (replaces the file's table).
+    #[arg(
+        long = "metrics-policy-plugin-config",
+        env = "WARDEN_METRICS_POLICY_PLUGIN_CONFIG",
+        value_name = "JSON",
+        hide_env_values = true
+    )]
+    pub metrics_policy_plugin_config: Option<String>,
+    /// metrics-policy plugin: per-call deadline in milliseconds [default: 10].
+    #[arg(
+        long = "metrics-policy-deadline-ms",
+        env = "WARDEN_METRICS_POLICY_DEADLINE_MS",
+        value_name = "MS"
+    )]
+    pub metrics_policy_deadline_ms: Option<u64>,
+    /// metrics-policy plugin: memory cap in MiB [default: 16].
+    #[arg(
+        long = "metrics-policy-memory-mib",
+        env = "WARDEN_METRICS_POLICY_MEMORY_MIB",
+        value_name = "MIB"
+    )]
+    pub metrics_policy_memory_mib: Option<u64>,
+    /// metrics-policy plugin: `open` (record under route and status class) or `closed`
+    /// (leave the request unlabelled) when it faults [default: open].
+    #[arg(long = "metrics-policy-failure", env = "WARDEN_METRICS_POLICY_FAILURE", value_parser = parse_failure)]
+    pub metrics_policy_failure: Option<FailurePolicy>,
+}
+
+fn parse_failure(s: &str) -> Result<FailurePolicy, String> {
+    match s {
+        "open" => Ok(FailurePolicy::Open),
+        "closed" => Ok(FailurePolicy::Closed),
+        _ => Err("expected `open` or `closed`".into()),
+    }
+}
+
+fn set_some<T>(field: &mut T, value: Option<T>) {
+    if let Some(v) = value {
+        *field = v;
+    }
+}
+
+/// One slot's flags.
+struct SlotArgs {
+    file: Option<PathBuf>,
+    sha256: Option<String>,
+    config: Option<String>,
+    deadline_ms: Option<u64>,
+    memory_mib: Option<u64>,
+}
+
+fn overlay_slot(slot: &mut SlotConfig, name: &str, args: SlotArgs) -> Result<(), ConfigError> {
+    if let Some(file) = args.file {
+        slot.file = Some(file);
+        // A digest pinned for the file's component does not hold for another file.
+        slot.sha256 = None;
+    }
+    if let Some(v) = args.sha256 {
+        slot.sha256 = Some(v);
+    }
+    if let Some(json) = args.config {
+        match serde_json::from_str::<serde_json::Value>(&json) {
+            Ok(serde_json::Value::Object(map)) => slot.config = map,
+            _ => {
+                return Err(ConfigError::Invalid(format!(
+                    "the {name} plugin configuration must be a JSON object"
+                )));
+            }
+        }
+    }
+    if let Some(v) = args.deadline_ms {
+        slot.deadline_ms = v;
+    }
+    if let Some(v) = args.memory_mib {
+        slot.memory_mib = v;
+    }
+    Ok(())
 }
 
 impl ServeArgs {
     /// Resolve: flags and environment over the file over the defaults.
-    pub fn resolve(self) -> Result<Config, ConfigError> {
-        let mut config = match &self.config {
+    pub fn resolve(&self) -> Result<Config, ConfigError> {
+        let this = self.clone();
+        let mut config = match &this.config {
             Some(path) => Config::from_toml_file(path)?,
             None => Config::default(),
         };
-        if let Some(v) = self.listen {
-            config.listen = v;
+        set_some(&mut config.listen, this.listen);
+        set_some(&mut config.models_dir, this.models_dir);
+        set_some(&mut config.text_model, this.text_model);
+        set_some(&mut config.plugin_dir, this.plugin_dir);
+        set_some(&mut config.generated_key_file, this.generated_key_file);
+        set_some(&mut config.admin_listen, this.admin_listen);
+        set_some(&mut config.cache_dir, this.cache_dir);
+        if let Some(v) = this.body_limit_bytes {
+            config.body_limit_bytes = v;
         }
-        if let Some(v) = self.models_dir {
-            config.models_dir = v;
+        if let Some(v) = this.queue_capacity {
+            config.engine.queue_capacity = v;
         }
-        if let Some(v) = self.text_model {
-            config.text_model = v;
+        if let Some(v) = this.max_batch {
+            config.engine.max_batch = v;
         }
-        if let Some(v) = self.plugin_dir {
-            config.plugin_dir = v;
+        if let Some(v) = this.max_sequences {
+            config.engine.max_sequences = v;
         }
-        if let Some(v) = self.api_key.filter(|k| !k.is_empty()) {
-            config.api_key = Some(Secret(v));
+        let secret = |v: Option<String>| v.filter(|k| !k.is_empty()).map(Secret);
+        if let Some(v) = secret(this.api_key) {
+            config.api_key = Some(v);
         }
-        if let Some(v) = self.metrics_api_key.filter(|k| !k.is_empty()) {
-            config.metrics_api_key = Some(Secret(v));
+        if let Some(v) = secret(this.metrics_api_key) {
+            config.metrics_api_key = Some(v);
+        }
+        if let Some(v) = secret(this.admin_token) {
+            config.admin_token = Some(v);
+        }
+        overlay_slot(
+            &mut config.plugins.auth,
+            "auth",
+            SlotArgs {
+                file: this.auth_plugin,
+                sha256: this.auth_plugin_sha256,
+                config: this.auth_plugin_config,
+                deadline_ms: this.auth_deadline_ms,
+                memory_mib: this.auth_memory_mib,
+            },
+        )?;
+        overlay_slot(
+            &mut config.plugins.sanitizer,
+            "sanitizer",
+            SlotArgs {
+                file: this.sanitizer_plugin,
+                sha256: this.sanitizer_plugin_sha256,
+                config: this.sanitizer_plugin_config,
+                deadline_ms: this.sanitizer_deadline_ms,
+                memory_mib: this.sanitizer_memory_mib,
+            },
+        )?;
+        overlay_slot(
+            &mut config.plugins.metrics_policy,
+            "metrics-policy",
+            SlotArgs {
+                file: this.metrics_policy_plugin,
+                sha256: this.metrics_policy_plugin_sha256,
+                config: this.metrics_policy_plugin_config,
+                deadline_ms: this.metrics_policy_deadline_ms,
+                memory_mib: this.metrics_policy_memory_mib,
+            },
+        )?;
+        if let Some(v) = this.metrics_policy_failure {
+            config.plugins.metrics_policy.failure = Some(v);
         }
         config.validate()?;
         Ok(config)

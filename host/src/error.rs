@@ -82,6 +82,16 @@ pub enum ApiError {
     /// The model failed.
     #[error("the model failed to process this request")]
     Engine,
+    /// An operator's plugin change was refused, or an admin request was malformed.
+    #[error("{message}")]
+    Admin {
+        /// HTTP status, a 4xx.
+        status: StatusCode,
+        /// Machine-readable code.
+        code: &'static str,
+        /// The reason (file names only, never paths).
+        message: String,
+    },
 }
 
 /// The body of every error response.
@@ -201,6 +211,7 @@ impl ApiError {
                 Some("engine_error"),
                 false,
             ),
+            Admin { status, code, .. } => (*status, "invalid_request_error", Some(code), false),
         }
     }
 

@@ -19,12 +19,12 @@ use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 
 pub use config::Config;
 use engine::{EmbeddingsHandle, GenerateConfig, MiniLm, TextModel, WorkerConfig};
 use metrics::Metrics;
-use plugins::{PluginSet, PluginSource, Registry, Slot};
+use plugins::{DiskCache, PluginSet, PluginSource, PluginStatus, Registry, Slot, Trigger};
 
 /// The embedding model served by default: a directory of this name under `models_dir`.
 pub const EMBEDDING_MODEL: &str = "all-MiniLM-L6-v2";
@@ -68,20 +68,75 @@ impl Services {
     }
 }
 
+/// Produces the configuration a reload applies: for `warden serve`, the configuration file
+/// read again under the same flags and environment.
+#[derive(Clone)]
+pub struct Reloader(Arc<dyn Fn() -> Result<Config, config::ConfigError> + Send + Sync>);
+
+impl Reloader {
+    /// A reloader from a function.
+    pub fn new(
+        f: impl Fn() -> Result<Config, config::ConfigError> + Send + Sync + 'static,
+    ) -> Self {
+        Self(Arc::new(f))
+    }
+}
+
+impl std::fmt::Debug for Reloader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Reloader")
+    }
+}
+
+/// What a reload did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ReloadReport {
+    /// Each slot after the reload.
+    pub plugins: Vec<PluginStatus>,
+    /// Settings that changed in the file but take effect only on a restart.
+    pub restart_required: Vec<&'static str>,
+}
+
 /// State shared by all handlers.
 #[derive(Debug)]
 pub struct AppState {
-    /// The configuration in force.
+    /// The configuration the server started with.
     pub config: Config,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     services: OnceLock<Services>,
+    reloader: Reloader,
 }
 
 impl AppState {
     /// The loaded services, or `None` while still loading.
     pub fn services(&self) -> Option<&Services> {
         self.services.get()
+    }
+
+    /// Read the configuration again and apply its plugin slots, all or none, through the
+    /// same path as every other change. Blocking: compiles plugins.
+    pub fn reload(&self, trigger: Trigger) -> Result<ReloadReport, String> {
+        let services = self
+            .services()
+            .ok_or_else(|| "the server is still starting".to_string())?;
+        let config = (self.reloader.0)().map_err(|e| e.to_string())?;
+        let sources = plugin_sources(&config).map_err(|e| e.to_string())?;
+        let plugins = services
+            .plugins
+            .apply(&sources, trigger)
+            .map_err(|e| e.to_string())?;
+        let restart_required = self.config.restart_required(&config);
+        if !restart_required.is_empty() {
+            tracing::warn!(
+                settings = ?restart_required,
+                "reloaded the plugins; these changed settings take effect on restart"
+            );
+        }
+        Ok(ReloadReport {
+            plugins,
+            restart_required,
+        })
     }
 }
 
@@ -113,37 +168,46 @@ pub enum StartError {
     Other(String),
 }
 
-fn load_plugins(
-    config: &Config,
-    auth_config: String,
-    metrics: Arc<Metrics>,
-) -> Result<Registry, StartError> {
-    let source = |slot: Slot, json: String| {
-        let s = config.plugins.slot(slot);
-        PluginSource::from_file(
-            slot,
-            &config.plugin_file(slot),
-            s.sha256.clone(),
-            json,
-            s.limits(),
-        )
-    };
-    let json = |slot: Slot| {
-        serde_json::Value::Object(config.plugins.slot(slot).config.clone()).to_string()
-    };
+/// The three slots' plugins as `config` names them, read from disk.
+fn plugin_sources(config: &Config) -> Result<Vec<PluginSource>, StartError> {
+    let auth_config = keys::auth_plugin_config(config)?;
+    Ok(vec![
+        config.plugin_source(Slot::Auth, auth_config)?,
+        config.plugin_source(Slot::Sanitizer, config.plugin_config_json(Slot::Sanitizer))?,
+        config.plugin_source(
+            Slot::MetricsPolicy,
+            config.plugin_config_json(Slot::MetricsPolicy),
+        )?,
+    ])
+}
+
+/// The compiled-plugin disk cache, unless turned off. A cache that cannot be used costs
+/// only compile time, so it is a warning, not a start-up failure.
+fn disk_cache(config: &Config) -> Option<DiskCache> {
+    if config.cache_dir.as_os_str().is_empty() {
+        return None;
+    }
+    DiskCache::open(&config.cache_dir)
+        .map_err(|e| tracing::warn!(error = %e, "compiled plugins will not be cached on disk"))
+        .ok()
+}
+
+fn load_plugins(config: &Config, metrics: Arc<Metrics>) -> Result<Registry, StartError> {
+    let sources = plugin_sources(config)?;
+    let cache = disk_cache(config);
     let set = PluginSet::load(
-        &source(Slot::Auth, auth_config)?,
-        &source(Slot::Sanitizer, json(Slot::Sanitizer))?,
-        &source(Slot::MetricsPolicy, json(Slot::MetricsPolicy))?,
+        &sources[0],
+        &sources[1],
+        &sources[2],
         metrics.clone(),
+        cache.as_ref(),
     )?;
     tracing::info!(plugins = ?set, "plugins loaded");
-    Ok(Registry::new(set, metrics))
+    Ok(Registry::new(set, metrics, cache))
 }
 
 fn load_services(config: &Config, metrics: Arc<Metrics>) -> Result<Services, StartError> {
-    let auth_config = keys::auth_plugin_config(config)?;
-    let plugins = load_plugins(config, auth_config, metrics)?;
+    let plugins = load_plugins(config, metrics)?;
     let dir = config.models_dir.join(EMBEDDING_MODEL);
     let model = MiniLm::load(EMBEDDING_MODEL, &dir)?;
     let worker = WorkerConfig {
@@ -188,36 +252,50 @@ fn load_services(config: &Config, metrics: Arc<Metrics>) -> Result<Services, Sta
     })
 }
 
+async fn bind(addr: SocketAddr) -> Result<(tokio::net::TcpListener, SocketAddr), StartError> {
+    let error = |e: std::io::Error| StartError::Bind {
+        addr,
+        reason: e.kind().to_string(),
+    };
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(error)?;
+    let bound = listener.local_addr().map_err(error)?;
+    Ok((listener, bound))
+}
+
 /// A running server.
 #[derive(Debug)]
 pub struct Server {
     addr: SocketAddr,
+    admin_addr: Option<SocketAddr>,
     state: Arc<AppState>,
     ready: watch::Receiver<Option<Result<(), String>>>,
-    shutdown: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<()>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Server {
     /// Bind the listener and start serving at once (`/health` answers, `/ready` says 503),
     /// while plugins and models load in the background.
     pub async fn start(config: Config) -> Result<Server, StartError> {
+        let again = config.clone();
+        Self::start_with(config, Reloader::new(move || Ok(again.clone()))).await
+    }
+
+    /// [`Server::start`], with `reloader` giving the configuration a reload applies.
+    pub async fn start_with(config: Config, reloader: Reloader) -> Result<Server, StartError> {
         config.validate()?;
-        let listener = tokio::net::TcpListener::bind(config.listen)
-            .await
-            .map_err(|e| StartError::Bind {
-                addr: config.listen,
-                reason: e.kind().to_string(),
-            })?;
-        let addr = listener.local_addr().map_err(|e| StartError::Bind {
-            addr: config.listen,
-            reason: e.kind().to_string(),
-        })?;
+        let (listener, addr) = bind(config.listen).await?;
+        // Bound before anything loads, so that a taken port fails the start at once.
+        let admin_listener = match &config.admin_token {
+            Some(_) => Some(bind(config.admin_listen).await?),
+            None => None,
+        };
         let metrics = Arc::new(Metrics::new());
         let state = Arc::new(AppState {
             config,
             metrics,
             services: OnceLock::new(),
+            reloader,
         });
 
         let (ready_tx, ready) = watch::channel(None);
@@ -238,26 +316,42 @@ impl Server {
             let _ = ready_tx.send(Some(outcome));
         });
 
-        let (shutdown, signal) = oneshot::channel::<()>();
+        let (shutdown, signal) = watch::channel(false);
+        let stopped = |mut rx: watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        };
         let server = warp::serve(http::routes(state.clone()))
             .incoming(listener)
-            .graceful(async move {
-                let _ = signal.await;
-            });
-        let task = tokio::spawn(server.run());
+            .graceful(stopped(signal.clone()));
+        let mut tasks = vec![tokio::spawn(server.run())];
         tracing::info!(%addr, "listening");
+        let mut admin_addr = None;
+        if let Some((listener, bound)) = admin_listener {
+            let admin = warp::serve(http::admin_routes(state.clone()))
+                .incoming(listener)
+                .graceful(stopped(signal));
+            tasks.push(tokio::spawn(admin.run()));
+            tracing::info!(addr = %bound, "admin API listening");
+            admin_addr = Some(bound);
+        }
         Ok(Server {
             addr,
+            admin_addr,
             state,
             ready,
-            shutdown: Some(shutdown),
-            task,
+            shutdown,
+            tasks,
         })
     }
 
     /// The bound address.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The admin API's address, when it runs.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
     }
 
     /// Shared state (metrics, plugins), for tests and embedding.
@@ -276,17 +370,37 @@ impl Server {
     }
 
     /// Stop accepting connections and wait for requests in flight to finish.
-    pub async fn shutdown(mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for task in self.tasks {
+            let _ = task.await;
         }
-        let _ = (&mut self.task).await;
     }
 }
 
-/// Serve until SIGINT or SIGTERM, then finish the requests in flight and return.
-pub async fn run(config: Config) -> Result<(), StartError> {
-    let server = Server::start(config).await?;
+/// Serve until SIGINT or SIGTERM, then finish the requests in flight and return. SIGHUP
+/// reloads the plugins from `reloader`'s configuration.
+pub async fn run(config: Config, reloader: Reloader) -> Result<(), StartError> {
+    let server = Server::start_with(config, reloader).await?;
+    #[cfg(unix)]
+    if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        let state = server.state().clone();
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                let state = state.clone();
+                let outcome =
+                    tokio::task::spawn_blocking(move || state.reload(Trigger::Sighup)).await;
+                match outcome {
+                    Ok(Ok(report)) => tracing::info!(
+                        restart_required = ?report.restart_required,
+                        "SIGHUP: configuration reloaded"
+                    ),
+                    Ok(Err(e)) => tracing::error!(error = %e, "SIGHUP: reload refused"),
+                    Err(_) => tracing::error!("SIGHUP: the reload panicked"),
+                }
+            }
+        });
+    }
     tokio::select! {
         result = server.ready() => result.map_err(StartError::Other)?,
         () = shutdown_signal() => {

@@ -1,7 +1,12 @@
-//! The `warden` binary.
+//! The `warden` binary: `serve`, and `plugin inspect`/`plugin check` for plugin authors.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
+use warden::plugins::{Limits, PluginSource, Slot};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -20,26 +25,90 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve the API.
-    Serve(warden::config::ServeArgs),
+    Serve(Box<warden::config::ServeArgs>),
+    /// Inspect or check a plugin component.
+    #[command(subcommand)]
+    Plugin(PluginCommand),
 }
 
-fn main() -> std::process::ExitCode {
+#[derive(Debug, Subcommand)]
+enum PluginCommand {
+    /// Show a component's world, WIT version, imports, exports, size and sha256.
+    Inspect {
+        /// The component file.
+        file: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the validation a live swap runs (integrity, world and version, configuration,
+    /// smoke call), offline.
+    Check {
+        /// The component file.
+        file: PathBuf,
+        /// The slot it is for.
+        #[arg(long, value_parser = parse_slot)]
+        slot: Slot,
+        /// Its configuration, a JSON object.
+        #[arg(long, default_value = "{}")]
+        config: String,
+        /// Required sha256 (hex).
+        #[arg(long)]
+        sha256: Option<String>,
+        /// Per-call deadline in milliseconds.
+        #[arg(long, default_value_t = 10)]
+        deadline_ms: u64,
+        /// Memory cap in MiB.
+        #[arg(long, default_value_t = 16)]
+        memory_mib: u64,
+    },
+}
+
+fn parse_slot(s: &str) -> Result<Slot, String> {
+    Slot::from_name(s).ok_or_else(|| "expected auth, sanitizer or metrics-policy".into())
+}
+
+fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if cli.log_json {
         builder.json().init();
     } else {
         builder.init();
     }
-    let Command::Serve(args) = cli.command;
+    match cli.command {
+        Command::Serve(args) => serve(*args),
+        Command::Plugin(PluginCommand::Inspect { file, json }) => inspect(&file, json),
+        Command::Plugin(PluginCommand::Check {
+            file,
+            slot,
+            config,
+            sha256,
+            deadline_ms,
+            memory_mib,
+        }) => {
+            let limits = Limits {
+                deadline: Duration::from_millis(deadline_ms),
+                memory_bytes: usize::try_from(memory_mib.saturating_mul(1 << 20))
+                    .unwrap_or(usize::MAX),
+            };
+            check(&file, slot, config, sha256, limits)
+        }
+    }
+}
+
+fn serve(args: warden::config::ServeArgs) -> ExitCode {
     let config = match args.resolve() {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "invalid configuration");
-            return std::process::ExitCode::from(2);
+            return ExitCode::from(2);
         }
     };
+    let reloader = warden::Reloader::new(move || args.resolve());
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -47,14 +116,108 @@ fn main() -> std::process::ExitCode {
         Ok(r) => r,
         Err(e) => {
             tracing::error!(error = %e, "cannot start the async runtime");
-            return std::process::ExitCode::FAILURE;
+            return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(warden::run(config)) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+    match runtime.block_on(warden::run(config, reloader)) {
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "warden stopped");
-            std::process::ExitCode::FAILURE
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn read(file: &std::path::Path) -> Result<Vec<u8>, String> {
+    std::fs::read(file).map_err(|e| {
+        let name = file
+            .file_name()
+            .map_or_else(|| "?".into(), |n| n.to_string_lossy());
+        match e.kind() {
+            std::io::ErrorKind::NotFound => format!("plugin file not found: {name}"),
+            _ => format!("plugin file not readable: {name}"),
+        }
+    })
+}
+
+fn inspect(file: &std::path::Path, json: bool) -> ExitCode {
+    let report = read(file).and_then(|bytes| warden::plugins::inspect(&bytes));
+    let report = match report {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).unwrap_or_default()
+        );
+        return ExitCode::SUCCESS;
+    }
+    println!(
+        "world:    {}",
+        report
+            .world
+            .as_deref()
+            .unwrap_or("none (no warden:policy export)")
+    );
+    println!(
+        "version:  warden:policy@{} ({} this host, which serves {})",
+        report.wit_versions.join(", @"),
+        if report.served {
+            "served by"
+        } else {
+            "NOT served by"
+        },
+        warden::plugins::versions_served()
+    );
+    println!("size:     {} bytes", report.size);
+    println!("sha256:   {}", report.sha256);
+    println!("imports:");
+    for i in &report.imports {
+        println!("  {i}");
+    }
+    println!("exports:");
+    for e in &report.exports {
+        println!("  {e}");
+    }
+    ExitCode::SUCCESS
+}
+
+fn check(
+    file: &std::path::Path,
+    slot: Slot,
+    config: String,
+    sha256: Option<String>,
+    limits: Limits,
+) -> ExitCode {
+    match serde_json::from_str::<serde_json::Value>(&config) {
+        Ok(serde_json::Value::Object(_)) => {}
+        _ => {
+            eprintln!("error: --config must be a JSON object");
+            return ExitCode::from(2);
+        }
+    }
+    let source = PluginSource::from_file(slot, file, sha256, config, limits);
+    match source.and_then(|s| warden::plugins::check(&s)) {
+        Ok(status) => {
+            println!(
+                "PASS: {} plugin `{}` implements {}@{}, accepts its configuration and \
+                 answered its smoke call within {} ms (sha256 {})",
+                status.slot,
+                status.plugin,
+                status.world,
+                status.wit_version,
+                status.deadline_ms,
+                status.sha256
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            println!("FAIL: {e}");
+            ExitCode::FAILURE
         }
     }
 }

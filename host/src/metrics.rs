@@ -9,7 +9,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 
-use crate::plugins::{Fault, FaultSink};
+use crate::plugins::{Fault, FaultSink, Outcome, Slot, Trigger};
 
 /// Most distinct label sets recorded for requests; later ones are folded into an
 /// `overflow` series.
@@ -20,6 +20,13 @@ struct FaultLabels {
     slot: &'static str,
     plugin: String,
     kind: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SwapLabels {
+    slot: &'static str,
+    trigger: &'static str,
+    outcome: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -34,6 +41,8 @@ pub struct Metrics {
     requests: Family<Vec<(String, String)>, Counter>,
     plugin_faults: Family<FaultLabels, Counter>,
     engine_errors: Family<ModelLabels, Counter>,
+    plugin_swaps: Family<SwapLabels, Counter>,
+    unlabelled: Counter,
     label_sets: Mutex<HashSet<Vec<(String, String)>>>,
 }
 
@@ -65,11 +74,26 @@ impl Metrics {
             "Requests the model failed on (answered 500), by model",
             engine_errors.clone(),
         );
+        let plugin_swaps = Family::<SwapLabels, Counter>::default();
+        registry.register(
+            "plugin_swaps",
+            "Requested plugin changes, by slot, trigger and outcome",
+            plugin_swaps.clone(),
+        );
+        let unlabelled = Counter::default();
+        registry.register(
+            "requests_unlabelled",
+            "Requests left out of the labelled series because the metrics policy faulted \
+             and fails closed",
+            unlabelled.clone(),
+        );
         Self {
             registry,
             requests,
             plugin_faults,
             engine_errors,
+            plugin_swaps,
+            unlabelled,
             label_sets: Mutex::new(HashSet::new()),
         }
     }
@@ -87,6 +111,33 @@ impl Metrics {
         }
         drop(sets);
         self.requests.get_or_create(&labels).inc();
+    }
+
+    /// Count one request the metrics policy could not label.
+    pub fn record_unlabelled_request(&self) {
+        self.unlabelled.inc();
+    }
+
+    /// Plugin changes counted for `slot` with `outcome`, over all triggers.
+    pub fn swap_count(&self, slot: Slot, outcome: Outcome) -> u64 {
+        [
+            Trigger::Admin,
+            Trigger::Rollback,
+            Trigger::Reload,
+            Trigger::Sighup,
+            Trigger::Api,
+        ]
+        .into_iter()
+        .filter_map(|trigger| {
+            self.plugin_swaps
+                .get(&SwapLabels {
+                    slot: slot.as_str(),
+                    trigger: trigger.as_str(),
+                    outcome: outcome.as_str(),
+                })
+                .map(|c| c.get())
+        })
+        .sum()
     }
 
     /// Count one engine failure of `model`.
@@ -136,6 +187,16 @@ impl FaultSink for Metrics {
                 slot: fault.slot.as_str(),
                 plugin: fault.plugin.to_string(),
                 kind: fault.kind.as_str(),
+            })
+            .inc();
+    }
+
+    fn swap(&self, slot: Slot, trigger: Trigger, outcome: Outcome) {
+        self.plugin_swaps
+            .get_or_create(&SwapLabels {
+                slot: slot.as_str(),
+                trigger: trigger.as_str(),
+                outcome: outcome.as_str(),
             })
             .inc();
     }

@@ -49,11 +49,48 @@ pub fn config() -> Config {
         metrics_api_key: Some(Secret::new(METRICS_KEY)),
         ..Config::default()
     };
+    // Tests that exercise the disk cache set their own directory.
+    config.cache_dir = PathBuf::new();
     let ms = TEST_DEADLINE.as_millis() as u64;
     config.plugins.auth.deadline_ms = ms;
     config.plugins.sanitizer.deadline_ms = ms;
     config.plugins.metrics_policy.deadline_ms = ms;
     config
+}
+
+/// The admin token of [`admin_config`] servers.
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef-5a7c";
+
+/// [`config`] with the admin API on an ephemeral loopback port.
+pub fn admin_config() -> Config {
+    Config {
+        admin_listen: "127.0.0.1:0".parse().expect("addr"),
+        admin_token: Some(Secret::new(ADMIN_TOKEN)),
+        ..config()
+    }
+}
+
+/// sha256 (hex) of a component in `PLUGIN_DIR`.
+pub fn plugin_sha256(name: &str) -> String {
+    let bytes = std::fs::read(PathBuf::from(PLUGIN_DIR).join(format!("{name}.wasm")))
+        .expect("fixture component");
+    sha256_hex(&bytes)
+}
+
+/// The auth plugin configuration accepting these `(id, key, scopes)`.
+pub fn auth_keys(keys: &[(&str, &str, &[&str])]) -> serde_json::Value {
+    use sha2::Digest;
+    let keys: Vec<_> = keys
+        .iter()
+        .map(|(id, key, scopes)| {
+            serde_json::json!({
+                "id": id,
+                "sha256": hex::encode(sha2::Sha256::digest(key.as_bytes())),
+                "scopes": scopes,
+            })
+        })
+        .collect();
+    serde_json::json!({ "keys": keys })
 }
 
 /// A component from `PLUGIN_DIR` as a plugin source.
@@ -67,6 +104,32 @@ pub fn source(slot: Slot, name: &str, config: serde_json::Value) -> PluginSource
         .expect("fixture component")
 }
 
+/// The component `bytes` as if built against `warden:policy@{version}`: every
+/// `warden:policy/...@0.1.0` name rewritten in place (same length, so the binary stays
+/// well-formed). Stands in for a plugin built against another release of the WIT package.
+pub fn with_wit_version(bytes: &[u8], version: &str) -> Vec<u8> {
+    let from = format!("@{}", warden::plugins::WIT_VERSION);
+    let to = format!("@{version}");
+    assert_eq!(from.len(), to.len(), "same-length versions only");
+    let mut out = bytes.to_vec();
+    let mut i = 0;
+    let mut replaced = 0;
+    while let Some(pos) = out[i..]
+        .windows(from.len())
+        .position(|w| w == from.as_bytes())
+    {
+        let at = i + pos;
+        let before = &out[at.saturating_sub(40)..at];
+        if before.windows(14).any(|w| w == b"warden:policy/") {
+            out[at..at + to.len()].copy_from_slice(to.as_bytes());
+            replaced += 1;
+        }
+        i = at + from.len();
+    }
+    assert!(replaced > 0, "no warden:policy names found");
+    out
+}
+
 /// A running server and a client for it.
 pub struct TestServer {
     /// The server.
@@ -77,6 +140,28 @@ pub struct TestServer {
     pub client: reqwest::Client,
 }
 
+/// sha256 (hex) of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+impl From<Server> for TestServer {
+    /// Wrap a server that is already ready.
+    fn from(server: Server) -> Self {
+        let base = format!("http://{}", server.addr());
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(120))
+            .build()
+            .expect("client");
+        TestServer {
+            server,
+            base,
+            client,
+        }
+    }
+}
+
 /// Start a server and wait until it is ready.
 pub async fn start(config: Config) -> TestServer {
     let server = Server::start(config).await.expect("server starts");
@@ -84,16 +169,7 @@ pub async fn start(config: Config) -> TestServer {
         .await
         .expect("ready in time")
         .expect("loads");
-    let base = format!("http://{}", server.addr());
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(120))
-        .build()
-        .expect("client");
-    TestServer {
-        server,
-        base,
-        client,
-    }
+    TestServer::from(server)
 }
 
 /// A response, read whole.
@@ -198,6 +274,19 @@ impl TestServer {
             r = r.bearer_auth(k);
         }
         r
+    }
+
+    /// The admin API's base URL.
+    pub fn admin_url(&self, path: &str) -> String {
+        let addr = self.server.admin_addr().expect("the admin API runs");
+        format!("http://{addr}{path}")
+    }
+
+    /// An admin request with the admin token.
+    pub fn admin(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.client
+            .request(method, self.admin_url(path))
+            .bearer_auth(ADMIN_TOKEN)
     }
 
     /// POST to `/v1/embeddings` with the inference key.

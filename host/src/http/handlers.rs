@@ -21,7 +21,8 @@ use crate::engine::EngineError;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::plugins::{
-    InferenceInput, InputKind, Payload, PluginSet, Principal, RequestMeta, RequestSummary,
+    FailurePolicy, InferenceInput, InputKind, Payload, PluginSet, Principal, RequestMeta,
+    RequestSummary,
 };
 
 /// What a guarded handler gets.
@@ -85,17 +86,17 @@ where
             status: response.status().as_u16(),
             tenant,
         };
-        let labels = plugins
-            .labels(&summary, &request_id)
-            .await
-            .unwrap_or_else(|_| {
+        match plugins.labels(&summary, &request_id).await {
+            Ok(labels) => state.metrics.record_request(labels),
+            Err(_) if plugins.metrics_failure() == FailurePolicy::Open => {
                 let class = format!("{}xx", summary.status / 100);
-                vec![
+                state.metrics.record_request(vec![
                     ("route".into(), route.into()),
                     ("status_class".into(), class),
-                ]
-            });
-        state.metrics.record_request(labels);
+                ]);
+            }
+            Err(_) => state.metrics.record_unlabelled_request(),
+        }
         with_request_id(response, &request_id)
     }
     .instrument(span)

@@ -1,6 +1,7 @@
 //! warp only: filters, handlers, request/response models. Handlers see the plugin
 //! registry and engine handles through [`AppState`]; no wasmtime or candle types here.
 
+mod admin;
 mod generation;
 mod handlers;
 mod params;
@@ -19,6 +20,7 @@ use crate::AppState;
 use crate::error::ApiError;
 use crate::plugins::RequestMeta;
 
+pub use admin::routes as admin_routes;
 pub use types::base64_vector;
 
 /// Header carrying the request id both ways.

@@ -3,6 +3,8 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::SystemTime;
 
 use sha2::{Digest, Sha256};
 
@@ -11,8 +13,8 @@ const VALIDATION_DEADLINE: std::time::Duration = std::time::Duration::from_secs(
 use wasmtime::Store;
 
 use super::bindings::World;
-use super::runtime::{self, PluginState, Runtime};
-use super::{Fault, FaultKind, FaultSink, Limits, Slot, WIT_VERSION};
+use super::runtime::{self, DiskCache, PluginState, Runtime};
+use super::{FailurePolicy, Fault, FaultKind, FaultSink, Limits, Slot, WIT_VERSION};
 
 /// Why a plugin was refused. Messages name files by file name only, never a path.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
@@ -56,19 +58,18 @@ pub enum LoadError {
         reason: String,
     },
     /// Built against a WIT version this host does not serve.
-    #[error(
-        "{slot} plugin `{plugin}` targets warden:policy@{found}, but this host serves \
-         warden:policy@{served}"
-    )]
+    #[error("{slot} plugin `{plugin}` {direction} {interface}; this host serves {served}")]
     Version {
         /// Slot.
         slot: Slot,
         /// Plugin name.
         plugin: String,
-        /// The plugin's version.
-        found: String,
-        /// The host's version.
-        served: &'static str,
+        /// `exports` or `imports`.
+        direction: &'static str,
+        /// The versioned interface name, e.g. `warden:policy/auth@0.2.0`.
+        interface: String,
+        /// The versions this host serves, e.g. `0.1.x`.
+        served: String,
     },
     /// Not a component of the slot's world (wrong exports or unsupported imports).
     #[error("{slot} plugin `{plugin}` does not implement world warden:policy/{world}: {reason}")]
@@ -92,6 +93,22 @@ pub enum LoadError {
         /// The plugin's message (or the fault).
         message: String,
     },
+    /// The plugin loaded and configured, but a smoke call of its functions failed.
+    #[error("{slot} plugin `{plugin}` failed its smoke call: {reason}")]
+    Smoke {
+        /// Slot.
+        slot: Slot,
+        /// Plugin name.
+        plugin: String,
+        /// Which call and how it failed.
+        reason: String,
+    },
+    /// A rollback was asked for a slot that has no previous plugin.
+    #[error("{slot} has no previous plugin to roll back to")]
+    NoRollback {
+        /// Slot.
+        slot: Slot,
+    },
     /// The plugin runtime could not start.
     #[error("{0}")]
     Runtime(String),
@@ -112,6 +129,8 @@ pub struct PluginSource {
     pub config: String,
     /// Call bounds.
     pub limits: Limits,
+    /// What a fault does (only the metrics policy may fail open).
+    pub failure: FailurePolicy,
 }
 
 impl std::fmt::Debug for PluginSource {
@@ -124,6 +143,7 @@ impl std::fmt::Debug for PluginSource {
             .field("expected_sha256", &self.expected_sha256)
             .field("config", &"<redacted>")
             .field("limits", &self.limits)
+            .field("failure", &self.failure)
             .finish()
     }
 }
@@ -166,7 +186,89 @@ impl PluginSource {
             expected_sha256,
             config,
             limits,
+            failure: FailurePolicy::default_for(slot),
         })
+    }
+}
+
+/// Calls into one loaded plugin and how many of them faulted, since it was loaded.
+#[derive(Debug, Default)]
+pub(super) struct CallStats {
+    pub(super) calls: AtomicU64,
+    pub(super) faults: AtomicU64,
+}
+
+/// What `warden plugin inspect` shows of a component.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Inspection {
+    /// Size in bytes.
+    pub size: usize,
+    /// sha256 (hex).
+    pub sha256: String,
+    /// The Warden world its exports match, if any (e.g. `warden:policy/auth-plugin`).
+    pub world: Option<String>,
+    /// The `warden:policy` versions it names.
+    pub wit_versions: Vec<String>,
+    /// Whether this host serves those versions.
+    pub served: bool,
+    /// Imported interfaces.
+    pub imports: Vec<String>,
+    /// Exported interfaces.
+    pub exports: Vec<String>,
+}
+
+/// Compile `bytes` and describe the component, without instantiating it.
+pub fn inspect(bytes: &[u8]) -> Result<Inspection, String> {
+    let rt = Runtime::get()?;
+    let digest: [u8; 32] = Sha256::digest(bytes).into();
+    let component = rt
+        .compile(digest, bytes, None)
+        .map_err(|e| format!("not a valid WebAssembly component: {e}"))?;
+    let ty = component.component_type();
+    let imports: Vec<String> = ty.imports(&rt.engine).map(|(n, _)| n.to_string()).collect();
+    let exports: Vec<String> = ty.exports(&rt.engine).map(|(n, _)| n.to_string()).collect();
+    let mut wit_versions: Vec<String> = imports
+        .iter()
+        .chain(&exports)
+        .filter(|n| n.starts_with("warden:policy/"))
+        .filter_map(|n| n.split_once('@').map(|(_, v)| v.to_string()))
+        .collect();
+    wit_versions.sort();
+    wit_versions.dedup();
+    let world = Slot::ALL.into_iter().find_map(|slot| {
+        let interface = format!("warden:policy/{}@", slot.interface());
+        exports
+            .iter()
+            .any(|e| e.starts_with(&interface))
+            .then(|| format!("warden:policy/{}", slot.world()))
+    });
+    Ok(Inspection {
+        size: bytes.len(),
+        sha256: hex::encode(digest),
+        world,
+        served: !wit_versions.is_empty() && wit_versions.iter().all(|v| version_served(v)),
+        wit_versions,
+        imports,
+        exports,
+    })
+}
+
+impl PluginSource {
+    /// The bytes' sha256, checked against the pinned one if there is one.
+    pub fn verify(&self) -> Result<[u8; 32], LoadError> {
+        let digest: [u8; 32] = Sha256::digest(&self.bytes).into();
+        let found = hex::encode(digest);
+        match &self.expected_sha256 {
+            Some(expected) if !expected.trim().eq_ignore_ascii_case(&found) => {
+                Err(LoadError::Sha256Mismatch {
+                    slot: self.slot,
+                    plugin: self.name.clone(),
+                    expected: expected.trim().to_ascii_lowercase(),
+                    found,
+                })
+            }
+            _ => Ok(digest),
+        }
     }
 }
 
@@ -176,61 +278,99 @@ pub struct Loaded<W> {
     pub(super) name: Arc<str>,
     pub(super) sha256: String,
     pub(super) pre: W,
-    config: String,
+    pub(super) config: String,
     pub(super) limits: Limits,
+    pub(super) failure: FailurePolicy,
     pub(super) sink: Arc<dyn FaultSink>,
+    /// When it was loaded.
+    pub(super) loaded_at: SystemTime,
+    pub(super) stats: CallStats,
 }
 
-/// The `warden:policy` versions named in a component's imports and exports.
-fn policy_versions(names: impl Iterator<Item = String>) -> Vec<String> {
-    let mut versions: Vec<String> = names
-        .filter_map(|n| n.strip_prefix("warden:policy/").map(str::to_string))
-        .filter_map(|n| n.split_once('@').map(|(_, v)| v.to_string()))
-        .collect();
-    versions.sort();
-    versions.dedup();
-    versions
+/// Whether a plugin built against WIT version `version` can be served by this host:
+/// semver-compatible with [`WIT_VERSION`] (same major; for 0.x, the same minor). Within
+/// that line, wasmtime resolves names by semver, and what a newer plugin would need and the
+/// host lacks fails at pre-instantiation with the missing name.
+pub(crate) fn version_served(version: &str) -> bool {
+    let parse = |v: &str| -> Option<(u64, u64, u64)> {
+        let mut parts = v.split('.').map(|p| p.parse::<u64>().ok());
+        let triple = (parts.next()??, parts.next()??, parts.next()??);
+        parts.next().is_none().then_some(triple)
+    };
+    let (Some(host), Some(plugin)) = (parse(WIT_VERSION), parse(version)) else {
+        return false;
+    };
+    match host.0 {
+        0 => plugin.0 == 0 && plugin.1 == host.1,
+        major => plugin.0 == major,
+    }
+}
+
+/// The versions this host serves, as operators read them (`0.1.x`).
+pub fn versions_served() -> String {
+    let mut parts = WIT_VERSION.split('.');
+    match (parts.next(), parts.next()) {
+        (Some("0"), Some(minor)) => format!("0.{minor}.x"),
+        (Some(major), _) => format!("{major}.x"),
+        _ => WIT_VERSION.to_string(),
+    }
+}
+
+/// The first `warden:policy` interface, among `(direction, name)` pairs, whose version this
+/// host does not serve.
+fn unserved_interface<'a>(
+    names: impl Iterator<Item = (&'static str, &'a str)>,
+) -> Option<(&'static str, String)> {
+    names
+        .filter(|(_, n)| n.starts_with("warden:policy/"))
+        .find(|(_, n)| n.split_once('@').is_none_or(|(_, v)| !version_served(v)))
+        .map(|(d, n)| (d, n.to_string()))
 }
 
 impl<W: World> Loaded<W> {
-    /// Load and validate a plugin for its slot.
-    pub fn load(source: &PluginSource, sink: Arc<dyn FaultSink>) -> Result<Self, LoadError> {
+    /// Load and validate a plugin for its slot: integrity, component, world and version,
+    /// configuration, then `smoke` (one call of each function, which must answer within the
+    /// slot's deadline). Faults during validation are the plugin's refusal, not request
+    /// faults: they reach `sink` only once the plugin is live.
+    pub fn load(
+        source: &PluginSource,
+        sink: Arc<dyn FaultSink>,
+        cache: Option<&DiskCache>,
+        smoke: impl Fn(&Self) -> Result<(), String>,
+    ) -> Result<Self, LoadError> {
         let slot = source.slot;
         let plugin = source.name.clone();
-        let rt = Runtime::get().map_err(LoadError::Runtime)?;
-        let digest: [u8; 32] = Sha256::digest(&source.bytes).into();
-        let found = hex::encode(digest);
-        if let Some(expected) = &source.expected_sha256
-            && !expected.trim().eq_ignore_ascii_case(&found)
-        {
-            return Err(LoadError::Sha256Mismatch {
-                slot,
-                plugin,
-                expected: expected.trim().to_ascii_lowercase(),
-                found,
-            });
+        if source.failure == FailurePolicy::Open && slot != Slot::MetricsPolicy {
+            return Err(LoadError::Runtime(format!(
+                "the {slot} slot always fails closed; only the metrics policy may fail open"
+            )));
         }
-        let component = rt
-            .compile(digest, &source.bytes)
-            .map_err(|e| LoadError::Invalid {
-                slot,
-                plugin: plugin.clone(),
-                reason: e.to_string(),
-            })?;
+        let rt = Runtime::get().map_err(LoadError::Runtime)?;
+        let digest = source.verify()?;
+        let found = hex::encode(digest);
+        let component =
+            rt.compile(digest, &source.bytes, cache)
+                .map_err(|e| LoadError::Invalid {
+                    slot,
+                    plugin: plugin.clone(),
+                    reason: e.to_string(),
+                })?;
         let ty = component.component_type();
-        let names = ty
-            .imports(&rt.engine)
-            .map(|(n, _)| n.to_string())
-            .chain(ty.exports(&rt.engine).map(|(n, _)| n.to_string()));
-        if let Some(other) = policy_versions(names)
-            .into_iter()
-            .find(|v| v != WIT_VERSION)
-        {
+        // The slot's own interface first: it is the one an operator recognises.
+        let own = format!("warden:policy/{}@", slot.interface());
+        let mut names: Vec<_> = ty
+            .exports(&rt.engine)
+            .map(|(n, _)| ("exports", n))
+            .chain(ty.imports(&rt.engine).map(|(n, _)| ("imports", n)))
+            .collect();
+        names.sort_by_key(|(_, n)| !n.starts_with(&own));
+        if let Some((direction, interface)) = unserved_interface(names.into_iter()) {
             return Err(LoadError::Version {
                 slot,
                 plugin,
-                found: other,
-                served: WIT_VERSION,
+                direction,
+                interface,
+                served: versions_served(),
             });
         }
         let world_error = |e: wasmtime::Error| LoadError::World {
@@ -241,14 +381,17 @@ impl<W: World> Loaded<W> {
         };
         let pre = rt.linker.instantiate_pre(&component).map_err(world_error)?;
         let pre = W::new(pre).map_err(world_error)?;
-        let loaded = Self {
+        let mut loaded = Self {
             slot,
             name: plugin.clone().into(),
             sha256: found,
             pre,
             config: source.config.clone(),
             limits: source.limits,
-            sink,
+            failure: source.failure,
+            sink: Arc::new(Unrecorded),
+            loaded_at: SystemTime::now(),
+            stats: CallStats::default(),
         };
         // Validate the configuration once, on an instance of its own. Loading is off the
         // request path and often competes with model loading for the CPU, so the check gets
@@ -269,12 +412,29 @@ impl<W: World> Loaded<W> {
                 message,
             });
         }
+        smoke(&loaded).map_err(|reason| LoadError::Smoke {
+            slot,
+            plugin,
+            reason,
+        })?;
+        loaded.sink = sink;
+        loaded.stats = CallStats::default();
+        loaded.loaded_at = SystemTime::now();
         Ok(loaded)
     }
 
     /// Record a fault of this plugin.
     pub(super) fn fault(&self, kind: FaultKind, request_id: Option<&Arc<str>>) -> Fault {
+        self.stats.faults.fetch_add(1, Ordering::Relaxed);
         runtime::fault(self.slot, &self.name, kind, request_id, &*self.sink)
+    }
+
+    /// Whether `source` would load as this very plugin: same bytes, configuration and bounds.
+    pub(super) fn same_as(&self, source: &PluginSource) -> bool {
+        self.sha256 == hex::encode(Sha256::digest(&source.bytes))
+            && self.config == source.config
+            && self.limits == source.limits
+            && self.failure == source.failure
     }
 
     /// A fresh, configured instance in a fresh store.
@@ -320,6 +480,14 @@ impl<W: World> Loaded<W> {
     }
 }
 
+/// Where validation faults go: nowhere (the load error reports them).
+#[derive(Debug)]
+struct Unrecorded;
+
+impl FaultSink for Unrecorded {
+    fn fault(&self, _: &Fault) {}
+}
+
 /// Why no instance could be had.
 pub(super) enum InstanceError {
     /// `configure` returned an error.
@@ -348,15 +516,21 @@ mod tests {
     #[test]
     fn versions_are_read_from_names() {
         let names = [
-            "wasi:cli/environment@0.2.3",
-            "warden:policy/host@0.1.0",
-            "warden:policy/auth@0.2.0",
-            "warden:policy/lifecycle@0.1.0",
+            ("imports", "wasi:cli/environment@0.2.3"),
+            ("imports", "warden:policy/host@0.1.0"),
+            ("exports", "warden:policy/auth@0.2.0"),
+            ("exports", "warden:policy/lifecycle@0.1.0"),
         ];
         assert_eq!(
-            policy_versions(names.iter().map(|s| s.to_string())),
-            ["0.1.0", "0.2.0"]
+            unserved_interface(names.into_iter()),
+            Some(("exports", "warden:policy/auth@0.2.0".to_string()))
         );
+        assert_eq!(unserved_interface(names[..2].iter().copied()), None);
+        assert_eq!(versions_served(), "0.1.x");
+        assert!(version_served("0.1.0"));
+        assert!(version_served("0.1.7"));
+        assert!(!version_served("0.2.0") && !version_served("1.1.0"));
+        assert!(!version_served("0.1") && !version_served("0.1.0-rc1"));
     }
 
     #[test]

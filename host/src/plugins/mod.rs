@@ -14,9 +14,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 pub(crate) use loader::file_name;
-pub use loader::{LoadError, PluginSource};
-pub use registry::{OutputFilter, PluginSet, Registry, SanitizerSession};
-pub use runtime::{Limits, MAX_MEMORY_BYTES};
+pub use loader::{Inspection, LoadError, PluginSource, inspect, versions_served};
+pub use registry::{
+    AUDIT_EVENTS_KEPT, AuditEvent, Outcome, OutputFilter, PluginSet, Registry, SanitizerSession,
+    Trigger, check,
+};
+pub use runtime::{DiskCache, Limits, MAX_MEMORY_BYTES};
 
 /// The three plugin slots.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -30,8 +33,33 @@ pub enum Slot {
 }
 
 impl Slot {
+    /// Every slot, in the order operators see them.
+    pub const ALL: [Slot; 3] = [Slot::Auth, Slot::Sanitizer, Slot::MetricsPolicy];
+
+    fn index(self) -> usize {
+        match self {
+            Slot::Auth => 0,
+            Slot::Sanitizer => 1,
+            Slot::MetricsPolicy => 2,
+        }
+    }
+
+    /// The slot named `name` (`auth`, `sanitizer`, `metrics-policy`).
+    pub fn from_name(name: &str) -> Option<Slot> {
+        Slot::ALL.into_iter().find(|s| s.as_str() == name)
+    }
+
     /// The slot's name in configuration, logs and metrics.
     pub fn as_str(self) -> &'static str {
+        match self {
+            Slot::Auth => "auth",
+            Slot::Sanitizer => "sanitizer",
+            Slot::MetricsPolicy => "metrics-policy",
+        }
+    }
+
+    /// The interface that a plugin in this slot exports.
+    pub fn interface(self) -> &'static str {
         match self {
             Slot::Auth => "auth",
             Slot::Sanitizer => "sanitizer",
@@ -48,6 +76,69 @@ impl Slot {
         }
     }
 }
+
+impl serde::Serialize for Slot {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+/// What the host does when a plugin call faults. Only the metrics policy has a choice:
+/// authentication and sanitization always fail closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FailurePolicy {
+    /// The request is refused (auth, sanitizer: 503); for the metrics policy, the request
+    /// is left out of the labelled request series and counted as unlabelled.
+    #[default]
+    Closed,
+    /// Metrics policy only: the request is recorded under `route` and `status_class`.
+    Open,
+}
+
+impl FailurePolicy {
+    /// The default: closed, except for the metrics policy, which records the request
+    /// under its route and status class.
+    pub fn default_for(slot: Slot) -> Self {
+        match slot {
+            Slot::MetricsPolicy => FailurePolicy::Open,
+            _ => FailurePolicy::Closed,
+        }
+    }
+}
+
+/// A slot's live plugin, as `GET /admin/plugins` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PluginStatus {
+    /// Slot.
+    pub slot: Slot,
+    /// Plugin name.
+    pub plugin: String,
+    /// The world it implements, e.g. `warden:policy/auth-plugin`.
+    pub world: String,
+    /// The WIT package version the host serves it at.
+    pub wit_version: &'static str,
+    /// sha256 of the component.
+    pub sha256: String,
+    /// Unix time it was loaded, seconds.
+    pub loaded_at: u64,
+    /// Calls into it since it was loaded.
+    pub calls: u64,
+    /// Of those, faults.
+    pub faults: u64,
+    /// Per-call deadline.
+    pub deadline_ms: u64,
+    /// Memory cap.
+    pub memory_mib: u64,
+    /// What a fault does.
+    pub failure: FailurePolicy,
+    /// Whether a previous plugin can be restored.
+    pub rollback_available: bool,
+}
+
+/// The request id (and, for the sanitizer and metrics policy, the model, route and
+/// principal id) of the host's smoke calls, made once before a plugin goes live.
+pub const SMOKE_ID: &str = "warden-smoke";
 
 impl fmt::Display for Slot {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -238,4 +329,7 @@ impl fmt::Display for Fault {
 pub trait FaultSink: Send + Sync + fmt::Debug {
     /// Called once per fault.
     fn fault(&self, fault: &Fault);
+
+    /// Called once per requested plugin change, whatever became of it.
+    fn swap(&self, _slot: Slot, _trigger: Trigger, _outcome: Outcome) {}
 }

@@ -4,7 +4,12 @@
 //! never changes the plugins under a request in flight. A new set is loaded and validated
 //! off to the side first; a failure leaves the old set live.
 
-use std::sync::{Arc, Mutex};
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use sha2::{Digest, Sha256};
 
 use arc_swap::ArcSwap;
 use wasmtime::Store;
@@ -15,10 +20,11 @@ use super::bindings::{
     World,
 };
 use super::loader::{LoadError, Loaded, PluginSource};
-use super::runtime::{self, PluginState};
+use super::runtime::{self, DiskCache, PluginState};
 use super::{
-    ALLOWED_LABELS, Fault, FaultKind, FaultSink, InferenceInput, InputKind, Payload, Principal,
-    Refusal, RequestMeta, RequestSummary, Slot, Visibility,
+    ALLOWED_LABELS, FailurePolicy, Fault, FaultKind, FaultSink, InferenceInput, InputKind, Limits,
+    Payload, PluginStatus, Principal, Refusal, RequestMeta, RequestSummary, SMOKE_ID, Slot,
+    Visibility, WIT_VERSION,
 };
 
 /// Longest label value kept.
@@ -35,17 +41,6 @@ impl std::fmt::Debug for PluginSet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_list().entries(self.describe()).finish()
     }
-}
-
-/// What an operator sees of a loaded plugin.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PluginInfo {
-    /// Slot.
-    pub slot: Slot,
-    /// Name (file stem).
-    pub name: String,
-    /// sha256 of the component.
-    pub sha256: String,
 }
 
 fn valid_refusal(r: &Refusal) -> bool {
@@ -72,43 +67,62 @@ impl PluginSet {
         sanitizer: &PluginSource,
         metrics: &PluginSource,
         sink: Arc<dyn FaultSink>,
+        cache: Option<&DiskCache>,
     ) -> Result<Self, LoadError> {
+        for (source, slot) in [
+            (auth, Slot::Auth),
+            (sanitizer, Slot::Sanitizer),
+            (metrics, Slot::MetricsPolicy),
+        ] {
+            if source.slot != slot {
+                return Err(LoadError::Runtime(format!(
+                    "a {} plugin was given for the {slot} slot",
+                    source.slot
+                )));
+            }
+        }
         Ok(Self {
-            auth: Arc::new(Loaded::load(auth, sink.clone())?),
-            sanitizer: Arc::new(Loaded::load(sanitizer, sink.clone())?),
-            metrics: Arc::new(Loaded::load(metrics, sink)?),
+            auth: Arc::new(Loaded::load(auth, sink.clone(), cache, smoke_auth)?),
+            sanitizer: Arc::new(Loaded::load(
+                sanitizer,
+                sink.clone(),
+                cache,
+                smoke_sanitizer,
+            )?),
+            metrics: Arc::new(Loaded::load(metrics, sink, cache, smoke_metrics)?),
         })
     }
 
-    /// This set with one slot replaced by a newly loaded plugin.
-    pub fn with_replaced(
-        &self,
-        source: &PluginSource,
-        sink: Arc<dyn FaultSink>,
-    ) -> Result<Self, LoadError> {
+    /// The plugin in `slot`.
+    fn get(&self, slot: Slot) -> AnyLoaded {
+        match slot {
+            Slot::Auth => AnyLoaded::Auth(self.auth.clone()),
+            Slot::Sanitizer => AnyLoaded::Sanitizer(self.sanitizer.clone()),
+            Slot::MetricsPolicy => AnyLoaded::Metrics(self.metrics.clone()),
+        }
+    }
+
+    /// This set with `plugin` in its slot.
+    fn with(&self, plugin: AnyLoaded) -> Self {
         let mut next = Self {
             auth: self.auth.clone(),
             sanitizer: self.sanitizer.clone(),
             metrics: self.metrics.clone(),
         };
-        match source.slot {
-            Slot::Auth => next.auth = Arc::new(Loaded::load(source, sink)?),
-            Slot::Sanitizer => next.sanitizer = Arc::new(Loaded::load(source, sink)?),
-            Slot::MetricsPolicy => next.metrics = Arc::new(Loaded::load(source, sink)?),
+        match plugin {
+            AnyLoaded::Auth(p) => next.auth = p,
+            AnyLoaded::Sanitizer(p) => next.sanitizer = p,
+            AnyLoaded::Metrics(p) => next.metrics = p,
         }
-        Ok(next)
+        next
     }
 
-    /// Name and digest of each slot's plugin.
-    pub fn describe(&self) -> Vec<PluginInfo> {
-        fn info<W>(l: &Loaded<W>) -> PluginInfo {
-            PluginInfo {
-                slot: l.slot,
-                name: l.name.to_string(),
-                sha256: l.sha256.clone(),
-            }
-        }
-        vec![info(&self.auth), info(&self.sanitizer), info(&self.metrics)]
+    /// Each slot's plugin, as operators see it.
+    pub fn describe(&self) -> Vec<PluginStatus> {
+        Slot::ALL
+            .iter()
+            .map(|&slot| self.get(slot).status(false))
+            .collect()
     }
 
     /// Ask the auth plugin who sent the request.
@@ -116,35 +130,10 @@ impl PluginSet {
         self: &Arc<Self>,
         meta: &RequestMeta,
     ) -> Result<Result<Principal, Refusal>, Fault> {
-        let set = self.clone();
+        let plugin = self.auth.clone();
         let meta = meta.clone();
         let rid = meta.request_id.clone();
-        off_reactor(&self.auth, Some(&rid), move || set.authenticate_now(&meta)).await
-    }
-
-    fn authenticate_now(&self, meta: &RequestMeta) -> Result<Result<Principal, Refusal>, Fault> {
-        let rid = Some(&meta.request_id);
-        let (mut store, instance) = instance(&self.auth, rid)?;
-        let result = bindings::call_authenticate(&instance, &mut store, meta)
-            .map_err(|e| self.auth.fault(runtime::classify(&store, &e), rid))?;
-        match result {
-            Ok(p) => {
-                let p = bindings::principal_from(p);
-                if valid_principal(&p) {
-                    Ok(Ok(p))
-                } else {
-                    Err(self.auth.fault(FaultKind::Malformed, rid))
-                }
-            }
-            Err(r) => {
-                let r = bindings::refusal_from(r);
-                if valid_refusal(&r) {
-                    Ok(Err(r))
-                } else {
-                    Err(self.auth.fault(FaultKind::Malformed, rid))
-                }
-            }
-        }
+        off_reactor(&self.auth, Some(&rid), move || authenticate(&plugin, &meta)).await
     }
 
     /// Start a sanitizer session for one request: one instance that checks the input and
@@ -158,7 +147,6 @@ impl PluginSet {
         let inner = off_reactor(&self.sanitizer, Some(request_id), move || {
             let (store, instance) = instance(&plugin, Some(&rid))?;
             Ok(SessionInner {
-                plugin,
                 request_id: rid,
                 store,
                 instance,
@@ -179,33 +167,18 @@ impl PluginSet {
         summary: &RequestSummary,
         request_id: &Arc<str>,
     ) -> Result<Vec<(String, String)>, Fault> {
-        let set = self.clone();
+        let plugin = self.metrics.clone();
         let summary = summary.clone();
         let rid = request_id.clone();
         off_reactor(&self.metrics, Some(request_id), move || {
-            set.labels_now(&summary, &rid)
+            labels(&plugin, &summary, &rid)
         })
         .await
     }
 
-    fn labels_now(
-        &self,
-        summary: &RequestSummary,
-        request_id: &Arc<str>,
-    ) -> Result<Vec<(String, String)>, Fault> {
-        let rid = Some(request_id);
-        let (mut store, instance) = instance(&self.metrics, rid)?;
-        let mut labels = bindings::call_labels(&instance, &mut store, summary)
-            .map_err(|e| self.metrics.fault(runtime::classify(&store, &e), rid))?;
-        let mut seen = Vec::with_capacity(labels.len());
-        for (name, value) in &mut labels {
-            if !ALLOWED_LABELS.contains(&name.as_str()) || seen.contains(name) {
-                return Err(self.metrics.fault(FaultKind::Malformed, rid));
-            }
-            seen.push(name.clone());
-            truncate(value, MAX_LABEL_VALUE);
-        }
-        Ok(labels)
+    /// What the metrics policy asks for when its `labels` call faults.
+    pub fn metrics_failure(&self) -> FailurePolicy {
+        self.metrics.failure
     }
 
     /// Which series `caller` may read. Fails closed: a fault means nothing.
@@ -214,16 +187,254 @@ impl PluginSet {
         caller: &Principal,
         request_id: &Arc<str>,
     ) -> Visibility {
-        let set = self.clone();
+        let plugin = self.metrics.clone();
         let caller = caller.clone();
         let rid = request_id.clone();
         off_reactor(&self.metrics, Some(request_id), move || {
-            let (mut store, instance) = instance(&set.metrics, Some(&rid))?;
-            bindings::call_visible_series(&instance, &mut store, &caller)
-                .map_err(|e| set.metrics.fault(runtime::classify(&store, &e), Some(&rid)))
+            visible_series(&plugin, &caller, &rid)
         })
         .await
         .unwrap_or(Visibility::Nothing)
+    }
+}
+
+type AuthLoaded = Loaded<AuthPluginPre<PluginState>>;
+type SanitizerLoaded = Loaded<SanitizerPluginPre<PluginState>>;
+type MetricsLoaded = Loaded<MetricsPolicyPluginPre<PluginState>>;
+
+fn authenticate(
+    plugin: &AuthLoaded,
+    meta: &RequestMeta,
+) -> Result<Result<Principal, Refusal>, Fault> {
+    let rid = Some(&meta.request_id);
+    let (mut store, instance) = instance(plugin, rid)?;
+    let result = bindings::call_authenticate(&instance, &mut store, meta)
+        .map_err(|e| plugin.fault(runtime::classify(&store, &e), rid))?;
+    match result {
+        Ok(p) => {
+            let p = bindings::principal_from(p);
+            if valid_principal(&p) {
+                Ok(Ok(p))
+            } else {
+                Err(plugin.fault(FaultKind::Malformed, rid))
+            }
+        }
+        Err(r) => {
+            let r = bindings::refusal_from(r);
+            if valid_refusal(&r) {
+                Ok(Err(r))
+            } else {
+                Err(plugin.fault(FaultKind::Malformed, rid))
+            }
+        }
+    }
+}
+
+fn labels(
+    plugin: &MetricsLoaded,
+    summary: &RequestSummary,
+    request_id: &Arc<str>,
+) -> Result<Vec<(String, String)>, Fault> {
+    let rid = Some(request_id);
+    let (mut store, instance) = instance(plugin, rid)?;
+    let mut labels = bindings::call_labels(&instance, &mut store, summary)
+        .map_err(|e| plugin.fault(runtime::classify(&store, &e), rid))?;
+    let mut seen = Vec::with_capacity(labels.len());
+    for (name, value) in &mut labels {
+        if !ALLOWED_LABELS.contains(&name.as_str()) || seen.contains(name) {
+            return Err(plugin.fault(FaultKind::Malformed, rid));
+        }
+        seen.push(name.clone());
+        truncate(value, MAX_LABEL_VALUE);
+    }
+    Ok(labels)
+}
+
+fn visible_series(
+    plugin: &MetricsLoaded,
+    caller: &Principal,
+    request_id: &Arc<str>,
+) -> Result<Visibility, Fault> {
+    let rid = Some(request_id);
+    let (mut store, instance) = instance(plugin, rid)?;
+    let visibility = bindings::call_visible_series(&instance, &mut store, caller)
+        .map_err(|e| plugin.fault(runtime::classify(&store, &e), rid))?;
+    match &visibility {
+        Visibility::Matching(labels)
+            if labels
+                .iter()
+                .any(|(n, _)| !ALLOWED_LABELS.contains(&n.as_str())) =>
+        {
+            Err(plugin.fault(FaultKind::Malformed, rid))
+        }
+        _ => Ok(visibility),
+    }
+}
+
+/// Smoke calls: the host's synthetic request, marked [`SMOKE_ID`]. A fault fails the smoke
+/// call; a deadline is retried twice, on a fresh instance, so that one scheduling hiccup on
+/// a busy machine does not refuse a good plugin, while a plugin that is always slow fails.
+fn smoke(what: &str, call: impl Fn() -> Result<(), Fault>) -> Result<(), String> {
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        match call() {
+            Ok(()) => return Ok(()),
+            Err(f) if f.kind == FaultKind::Deadline && attempts < 3 => continue,
+            Err(f) => return Err(format!("{what}: {}", f.kind.as_str())),
+        }
+    }
+}
+
+fn smoke_principal() -> Principal {
+    Principal {
+        id: SMOKE_ID.into(),
+        tenant: None,
+        scopes: Vec::new(),
+    }
+}
+
+fn smoke_auth(plugin: &AuthLoaded) -> Result<(), String> {
+    let meta = RequestMeta {
+        request_id: SMOKE_ID.into(),
+        method: "GET".into(),
+        path: "/v1/models".into(),
+        headers: Vec::new(),
+        client_addr: None,
+    };
+    smoke("authenticate", || authenticate(plugin, &meta).map(drop))
+}
+
+fn smoke_sanitizer(plugin: &SanitizerLoaded) -> Result<(), String> {
+    let rid: Arc<str> = SMOKE_ID.into();
+    smoke("check-input and output-filter", || {
+        let (store, instance) = instance(plugin, Some(&rid))?;
+        let mut session = SessionInner {
+            request_id: rid.clone(),
+            store,
+            instance,
+        };
+        let input = InferenceInput {
+            kind: InputKind::Completion,
+            model: SMOKE_ID.into(),
+            principal: smoke_principal(),
+            payload: Payload::Texts(vec![SMOKE_ID.into()]),
+            max_tokens: Some(1),
+        };
+        let _verdict = session.check_input(plugin, input)?;
+        let filter = session.output_filter(plugin, InputKind::Completion)?;
+        let _released = session.push(plugin, filter, SMOKE_ID)?;
+        let _held = session.finish(plugin, filter)?;
+        Ok(())
+    })
+}
+
+fn smoke_metrics(plugin: &MetricsLoaded) -> Result<(), String> {
+    let rid: Arc<str> = SMOKE_ID.into();
+    let summary = RequestSummary {
+        route: SMOKE_ID,
+        model: None,
+        status: 200,
+        tenant: None,
+    };
+    smoke("labels", || labels(plugin, &summary, &rid).map(drop))?;
+    smoke("visible-series", || {
+        visible_series(plugin, &smoke_principal(), &rid).map(drop)
+    })
+}
+
+/// The full validation a swap runs (integrity, component, world and version,
+/// configuration, smoke call), offline: nothing goes live.
+pub fn check(source: &PluginSource) -> Result<PluginStatus, LoadError> {
+    #[derive(Debug)]
+    struct Nowhere;
+    impl FaultSink for Nowhere {
+        fn fault(&self, _: &Fault) {}
+    }
+    AnyLoaded::load(source, Arc::new(Nowhere), None).map(|p| p.status(false))
+}
+
+/// A loaded plugin of any slot.
+#[derive(Clone)]
+enum AnyLoaded {
+    Auth(Arc<AuthLoaded>),
+    Sanitizer(Arc<SanitizerLoaded>),
+    Metrics(Arc<MetricsLoaded>),
+}
+
+fn status_of<W>(l: &Loaded<W>, rollback_available: bool) -> PluginStatus {
+    PluginStatus {
+        slot: l.slot,
+        plugin: l.name.to_string(),
+        world: format!("warden:policy/{}", l.slot.world()),
+        wit_version: WIT_VERSION,
+        sha256: l.sha256.clone(),
+        loaded_at: l
+            .loaded_at
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        calls: l.stats.calls.load(Ordering::Relaxed),
+        faults: l.stats.faults.load(Ordering::Relaxed),
+        deadline_ms: u64::try_from(l.limits.deadline.as_millis()).unwrap_or(u64::MAX),
+        memory_mib: (l.limits.memory_bytes >> 20) as u64,
+        failure: l.failure,
+        rollback_available,
+    }
+}
+
+impl AnyLoaded {
+    fn load(
+        source: &PluginSource,
+        sink: Arc<dyn FaultSink>,
+        cache: Option<&DiskCache>,
+    ) -> Result<Self, LoadError> {
+        Ok(match source.slot {
+            Slot::Auth => Self::Auth(Arc::new(Loaded::load(source, sink, cache, smoke_auth)?)),
+            Slot::Sanitizer => Self::Sanitizer(Arc::new(Loaded::load(
+                source,
+                sink,
+                cache,
+                smoke_sanitizer,
+            )?)),
+            Slot::MetricsPolicy => {
+                Self::Metrics(Arc::new(Loaded::load(source, sink, cache, smoke_metrics)?))
+            }
+        })
+    }
+
+    fn status(&self, rollback_available: bool) -> PluginStatus {
+        match self {
+            Self::Auth(l) => status_of(l, rollback_available),
+            Self::Sanitizer(l) => status_of(l, rollback_available),
+            Self::Metrics(l) => status_of(l, rollback_available),
+        }
+    }
+
+    fn same_as(&self, source: &PluginSource) -> bool {
+        match self {
+            Self::Auth(l) => l.same_as(source),
+            Self::Sanitizer(l) => l.same_as(source),
+            Self::Metrics(l) => l.same_as(source),
+        }
+    }
+
+    fn settings(&self) -> (String, Limits, FailurePolicy) {
+        fn of<W>(l: &Loaded<W>) -> (String, Limits, FailurePolicy) {
+            (l.config.clone(), l.limits, l.failure)
+        }
+        match self {
+            Self::Auth(l) => of(l),
+            Self::Sanitizer(l) => of(l),
+            Self::Metrics(l) => of(l),
+        }
+    }
+
+    fn sha256(&self) -> &str {
+        match self {
+            Self::Auth(l) => &l.sha256,
+            Self::Sanitizer(l) => &l.sha256,
+            Self::Metrics(l) => &l.sha256,
+        }
     }
 }
 
@@ -237,6 +448,7 @@ where
     F: FnOnce() -> Result<R, Fault> + Send + 'static,
     R: Send + 'static,
 {
+    loaded.stats.calls.fetch_add(1, Ordering::Relaxed);
     match runtime::call(f).await {
         Ok(result) => result,
         Err(lost) => Err(loaded.fault(lost.kind(), request_id)),
@@ -271,7 +483,6 @@ pub struct SanitizerSession {
 }
 
 struct SessionInner {
-    plugin: Arc<Loaded<SanitizerPluginPre<PluginState>>>,
     request_id: Arc<str>,
     store: Store<PluginState>,
     instance: SanitizerPlugin,
@@ -295,7 +506,7 @@ impl SanitizerSession {
     /// Run `f` against the session's store on a plugin thread.
     async fn run<R, F>(&self, f: F) -> Result<R, Fault>
     where
-        F: FnOnce(&mut SessionInner) -> Result<R, Fault> + Send + 'static,
+        F: FnOnce(&mut SessionInner, &SanitizerLoaded) -> Result<R, Fault> + Send + 'static,
         R: Send + 'static,
     {
         let inner = self.inner.clone();
@@ -306,7 +517,7 @@ impl SanitizerSession {
             let mut guard = inner
                 .lock()
                 .map_err(|_| plugin.fault(FaultKind::Trap, Some(&rid)))?;
-            f(&mut guard)
+            f(&mut guard, &plugin)
         })
         .await
     }
@@ -317,12 +528,12 @@ impl SanitizerSession {
         &self,
         input: InferenceInput,
     ) -> Result<Result<Payload, Refusal>, Fault> {
-        self.run(move |s| s.check_input(input)).await
+        self.run(move |s, p| s.check_input(p, input)).await
     }
 
     /// Create an output filter for one response of this request.
     pub async fn output_filter(&self, kind: InputKind) -> Result<OutputFilter, Fault> {
-        self.run(move |s| s.output_filter(kind)).await
+        self.run(move |s, p| s.output_filter(p, kind)).await
     }
 
     /// Feed generated text; returns what may be released.
@@ -331,37 +542,41 @@ impl SanitizerSession {
         filter: OutputFilter,
         chunk: String,
     ) -> Result<Result<String, Refusal>, Fault> {
-        self.run(move |s| s.push(filter, &chunk)).await
+        self.run(move |s, p| s.push(p, filter, &chunk)).await
     }
 
     /// End of generation; returns what was held back.
     pub async fn finish(&self, filter: OutputFilter) -> Result<Result<String, Refusal>, Fault> {
-        self.run(move |s| s.finish(filter)).await
+        self.run(move |s, p| s.finish(p, filter)).await
     }
 }
 
 impl SessionInner {
-    fn fault(&self, kind: FaultKind) -> Fault {
-        self.plugin.fault(kind, Some(&self.request_id))
+    fn failed(&self, plugin: &SanitizerLoaded, e: &wasmtime::Error) -> Fault {
+        plugin.fault(runtime::classify(&self.store, e), Some(&self.request_id))
     }
 
-    fn failed(&self, e: &wasmtime::Error) -> Fault {
-        self.fault(runtime::classify(&self.store, e))
-    }
-
-    fn refusal(&self, r: bindings::auth::warden::policy::types::Refusal) -> Result<Refusal, Fault> {
+    fn refusal(
+        &self,
+        plugin: &SanitizerLoaded,
+        r: bindings::auth::warden::policy::types::Refusal,
+    ) -> Result<Refusal, Fault> {
         let r = bindings::refusal_from(r);
         if valid_refusal(&r) {
             Ok(r)
         } else {
-            Err(self.fault(FaultKind::Malformed))
+            Err(plugin.fault(FaultKind::Malformed, Some(&self.request_id)))
         }
     }
 
-    fn check_input(&mut self, input: InferenceInput) -> Result<Result<Payload, Refusal>, Fault> {
-        runtime::arm(&mut self.store, self.plugin.limits);
+    fn check_input(
+        &mut self,
+        plugin: &SanitizerLoaded,
+        input: InferenceInput,
+    ) -> Result<Result<Payload, Refusal>, Fault> {
+        runtime::arm(&mut self.store, plugin.limits);
         let result = bindings::call_check_input(&self.instance, &mut self.store, &input)
-            .map_err(|e| self.failed(&e))?;
+            .map_err(|e| self.failed(plugin, &e))?;
         match result {
             Ok(WitVerdict::Pass) => Ok(Ok(input.payload)),
             Ok(WitVerdict::Rewrite(p)) => {
@@ -369,54 +584,158 @@ impl SessionInner {
                 if same_shape(&input.payload, &p) {
                     Ok(Ok(p))
                 } else {
-                    Err(self.fault(FaultKind::Malformed))
+                    Err(plugin.fault(FaultKind::Malformed, Some(&self.request_id)))
                 }
             }
-            Err(r) => Ok(Err(self.refusal(r)?)),
+            Err(r) => Ok(Err(self.refusal(plugin, r)?)),
         }
     }
 
-    fn output_filter(&mut self, kind: InputKind) -> Result<OutputFilter, Fault> {
-        runtime::arm(&mut self.store, self.plugin.limits);
+    fn output_filter(
+        &mut self,
+        plugin: &SanitizerLoaded,
+        kind: InputKind,
+    ) -> Result<OutputFilter, Fault> {
+        runtime::arm(&mut self.store, plugin.limits);
         let api = bindings::sanitizer_filter(&self.instance);
         api.call_constructor(&mut self.store, bindings::kind_to(kind))
             .map(OutputFilter)
-            .map_err(|e| self.failed(&e))
+            .map_err(|e| self.failed(plugin, &e))
     }
 
     fn push(
         &mut self,
+        plugin: &SanitizerLoaded,
         filter: OutputFilter,
         chunk: &str,
     ) -> Result<Result<String, Refusal>, Fault> {
-        runtime::arm(&mut self.store, self.plugin.limits);
+        runtime::arm(&mut self.store, plugin.limits);
         let api = bindings::sanitizer_filter(&self.instance);
         match api
             .call_push(&mut self.store, filter.0, chunk)
-            .map_err(|e| self.failed(&e))?
+            .map_err(|e| self.failed(plugin, &e))?
         {
             Ok(text) => Ok(Ok(text)),
-            Err(r) => Ok(Err(self.refusal(r)?)),
+            Err(r) => Ok(Err(self.refusal(plugin, r)?)),
         }
     }
 
-    fn finish(&mut self, filter: OutputFilter) -> Result<Result<String, Refusal>, Fault> {
-        runtime::arm(&mut self.store, self.plugin.limits);
+    fn finish(
+        &mut self,
+        plugin: &SanitizerLoaded,
+        filter: OutputFilter,
+    ) -> Result<Result<String, Refusal>, Fault> {
+        runtime::arm(&mut self.store, plugin.limits);
         let api = bindings::sanitizer_filter(&self.instance);
         match api
             .call_finish(&mut self.store, filter.0)
-            .map_err(|e| self.failed(&e))?
+            .map_err(|e| self.failed(plugin, &e))?
         {
             Ok(text) => Ok(Ok(text)),
-            Err(r) => Ok(Err(self.refusal(r)?)),
+            Err(r) => Ok(Err(self.refusal(plugin, r)?)),
         }
     }
 }
 
-/// The live plugin set.
+/// What set a plugin change in motion; recorded in every audit event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Trigger {
+    /// `PUT /admin/plugins/{slot}`.
+    Admin,
+    /// `POST /admin/plugins/{slot}/rollback`.
+    Rollback,
+    /// `POST /admin/reload`.
+    Reload,
+    /// `SIGHUP`.
+    Sighup,
+    /// A call from the embedding program (tests, tools).
+    Api,
+}
+
+impl Trigger {
+    /// The trigger's name in logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Admin => "admin",
+            Trigger::Rollback => "rollback",
+            Trigger::Reload => "reload",
+            Trigger::Sighup => "sighup",
+            Trigger::Api => "api",
+        }
+    }
+}
+
+/// What became of a requested change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Outcome {
+    /// The new plugin is live.
+    Accepted,
+    /// Refused; the old plugin stays live.
+    Refused,
+    /// The requested plugin is the live one (same bytes, configuration and bounds).
+    Unchanged,
+}
+
+impl Outcome {
+    /// The outcome's name in logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Accepted => "accepted",
+            Outcome::Refused => "refused",
+            Outcome::Unchanged => "unchanged",
+        }
+    }
+}
+
+/// One change to a slot, accepted or refused.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct AuditEvent {
+    /// Unix time, milliseconds.
+    pub at_ms: u64,
+    /// Slot.
+    pub slot: Slot,
+    /// What asked for the change.
+    pub trigger: Trigger,
+    /// What became of it.
+    pub outcome: Outcome,
+    /// The plugin asked for (name).
+    pub plugin: String,
+    /// The live plugin's sha256 before the change.
+    pub old_sha256: String,
+    /// The sha256 of the plugin asked for, when its bytes were read.
+    pub new_sha256: Option<String>,
+    /// Why it was refused.
+    pub reason: Option<String>,
+    /// How long validation and the swap took, milliseconds.
+    pub took_ms: f64,
+}
+
+/// Most audit events kept in memory (the log keeps them all).
+pub const AUDIT_EVENTS_KEPT: usize = 256;
+
+/// Rollback targets: each slot's previous plugin.
+#[derive(Default)]
+struct Previous {
+    slots: [Option<AnyLoaded>; 3],
+}
+
+impl Previous {
+    fn slot(&mut self, slot: Slot) -> &mut Option<AnyLoaded> {
+        &mut self.slots[slot.index()]
+    }
+}
+
+/// The live plugin set, its rollback targets and its audit trail.
 pub struct Registry {
     current: ArcSwap<PluginSet>,
     sink: Arc<dyn FaultSink>,
+    cache: Option<DiskCache>,
+    /// Held for the whole of a change, so changes apply one at a time; requests never
+    /// take it.
+    previous: Mutex<Previous>,
+    audit: Mutex<VecDeque<AuditEvent>>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -427,12 +746,21 @@ impl std::fmt::Debug for Registry {
     }
 }
 
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 impl Registry {
-    /// A registry serving `set`.
-    pub fn new(set: PluginSet, sink: Arc<dyn FaultSink>) -> Self {
+    /// A registry serving `set`; new plugins are compiled through `cache`.
+    pub fn new(set: PluginSet, sink: Arc<dyn FaultSink>, cache: Option<DiskCache>) -> Self {
         Self {
             current: ArcSwap::from_pointee(set),
             sink,
+            cache,
+            previous: Mutex::new(Previous::default()),
+            audit: Mutex::new(VecDeque::with_capacity(AUDIT_EVENTS_KEPT)),
         }
     }
 
@@ -441,12 +769,199 @@ impl Registry {
         self.current.load_full()
     }
 
-    /// Load `source` beside the live set and, if it loads and configures, make a set with
-    /// it live. On error the live set is untouched.
-    pub fn replace(&self, source: &PluginSource) -> Result<(), LoadError> {
-        let next = self.current().with_replaced(source, self.sink.clone())?;
-        self.current.store(Arc::new(next));
-        tracing::info!(slot = source.slot.as_str(), plugin = %source.name, "plugin swapped");
-        Ok(())
+    fn lock_previous(&self) -> MutexGuard<'_, Previous> {
+        self.previous.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Each slot's live plugin, as operators see it.
+    pub fn status(&self) -> Vec<PluginStatus> {
+        let mut previous = self.lock_previous();
+        let live = self.current();
+        Slot::ALL
+            .iter()
+            .map(|&slot| live.get(slot).status(previous.slot(slot).is_some()))
+            .collect()
+    }
+
+    /// The most recent audit events, oldest first.
+    pub fn audit_events(&self) -> Vec<AuditEvent> {
+        self.audit
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    fn record(&self, event: AuditEvent) {
+        let AuditEvent {
+            slot,
+            trigger,
+            outcome,
+            ..
+        } = event;
+        tracing::info!(
+            target: "warden::audit",
+            slot = slot.as_str(),
+            trigger = trigger.as_str(),
+            outcome = outcome.as_str(),
+            plugin = %event.plugin,
+            old_sha256 = %event.old_sha256,
+            new_sha256 = event.new_sha256.as_deref().unwrap_or("-"),
+            reason = event.reason.as_deref().unwrap_or("-"),
+            took_ms = event.took_ms,
+            "plugin change"
+        );
+        self.sink.swap(slot, trigger, outcome);
+        let mut audit = self.audit.lock().unwrap_or_else(|e| e.into_inner());
+        if audit.len() == AUDIT_EVENTS_KEPT {
+            audit.pop_front();
+        }
+        audit.push_back(event);
+    }
+
+    /// A source for `slot` with these bytes that keeps the live plugin's configuration
+    /// (unless `config` is given), bounds and failure policy.
+    pub fn source_for(
+        &self,
+        slot: Slot,
+        name: String,
+        bytes: Arc<[u8]>,
+        expected_sha256: Option<String>,
+        config: Option<String>,
+    ) -> PluginSource {
+        let (live_config, limits, failure) = self.current().get(slot).settings();
+        PluginSource {
+            slot,
+            name,
+            bytes,
+            expected_sha256,
+            config: config.unwrap_or(live_config),
+            limits,
+            failure,
+        }
+    }
+
+    /// Load `source` beside the live set and, if it validates, make it live in its slot.
+    /// On error the live set is untouched. Recorded as an audit event with trigger `api`.
+    pub fn replace(&self, source: &PluginSource) -> Result<PluginStatus, LoadError> {
+        self.apply(std::slice::from_ref(source), Trigger::Api)
+            .map(|mut s| s.remove(0))
+    }
+
+    /// The one path every change takes (admin API, reload, signal): validate each source
+    /// off to the side, then make all of them live in one atomic swap, or none of them.
+    /// A source identical to its slot's live plugin is left alone. Requests in flight keep
+    /// the set they started with. Returns the status of each named slot.
+    pub fn apply(
+        &self,
+        sources: &[PluginSource],
+        trigger: Trigger,
+    ) -> Result<Vec<PluginStatus>, LoadError> {
+        let mut previous = self.lock_previous();
+        let live = self.current();
+        let mut next: Option<PluginSet> = None;
+        let mut events = Vec::new();
+        for source in sources {
+            let started = Instant::now();
+            let old = live.get(source.slot);
+            let mut event = AuditEvent {
+                at_ms: now_ms(),
+                slot: source.slot,
+                trigger,
+                outcome: Outcome::Accepted,
+                plugin: source.name.clone(),
+                old_sha256: old.sha256().to_string(),
+                new_sha256: Some(hex::encode(Sha256::digest(&source.bytes))),
+                reason: None,
+                took_ms: 0.0,
+            };
+            // Integrity first: an identical plugin is left alone only if it is the one pinned.
+            let loaded = source.verify().and_then(|_| {
+                if old.same_as(source) {
+                    Ok(None)
+                } else {
+                    AnyLoaded::load(source, self.sink.clone(), self.cache.as_ref()).map(Some)
+                }
+            });
+            match loaded {
+                Ok(None) => {
+                    event.outcome = Outcome::Unchanged;
+                    events.push(event);
+                }
+                Ok(Some(plugin)) => {
+                    event.took_ms = started.elapsed().as_secs_f64() * 1e3;
+                    events.push(event);
+                    next = Some(next.as_ref().unwrap_or(&live).with(plugin));
+                }
+                Err(e) => {
+                    event.outcome = Outcome::Refused;
+                    event.reason = Some(e.to_string());
+                    event.took_ms = started.elapsed().as_secs_f64() * 1e3;
+                    // The others in this change were valid but do not go live either.
+                    for other in &mut events {
+                        if other.outcome == Outcome::Accepted {
+                            other.outcome = Outcome::Refused;
+                            other.reason = Some(format!("refused with the {} plugin", source.slot));
+                        }
+                    }
+                    events.push(event);
+                    for event in events {
+                        self.record(event);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        if let Some(next) = next {
+            for event in &events {
+                if event.outcome == Outcome::Accepted {
+                    *previous.slot(event.slot) = Some(live.get(event.slot));
+                }
+            }
+            self.current.store(Arc::new(next));
+        }
+        for event in events {
+            self.record(event);
+        }
+        let live = self.current();
+        Ok(sources
+            .iter()
+            .map(|s| live.get(s.slot).status(previous.slot(s.slot).is_some()))
+            .collect())
+    }
+
+    /// Put `slot`'s previous plugin back (the one it replaces becomes the new rollback
+    /// target, so a second rollback undoes the first).
+    pub fn rollback(&self, slot: Slot, trigger: Trigger) -> Result<PluginStatus, LoadError> {
+        let mut previous = self.lock_previous();
+        let live = self.current();
+        let old = live.get(slot);
+        let mut event = AuditEvent {
+            at_ms: now_ms(),
+            slot,
+            trigger,
+            outcome: Outcome::Accepted,
+            plugin: String::new(),
+            old_sha256: old.sha256().to_string(),
+            new_sha256: None,
+            reason: None,
+            took_ms: 0.0,
+        };
+        let Some(target) = previous.slot(slot).take() else {
+            let e = LoadError::NoRollback { slot };
+            event.outcome = Outcome::Refused;
+            event.reason = Some(e.to_string());
+            event.plugin = old.status(false).plugin;
+            self.record(event);
+            return Err(e);
+        };
+        let status = target.status(true);
+        event.plugin = status.plugin.clone();
+        event.new_sha256 = Some(status.sha256.clone());
+        self.current.store(Arc::new(live.with(target)));
+        *previous.slot(slot) = Some(old);
+        self.record(event);
+        Ok(status)
     }
 }

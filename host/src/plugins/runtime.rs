@@ -12,7 +12,9 @@
 //! call therefore runs on a small pool of plugin threads ([`call`]), fed by a bounded queue.
 
 use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
 use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock, mpsc};
 use std::time::Duration;
 
@@ -20,7 +22,7 @@ use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use super::{Fault, FaultKind, Slot};
+use super::{Fault, FaultKind, Slot, file_name};
 
 /// How often the epoch advances: the granularity of deadlines.
 pub const EPOCH_TICK: Duration = Duration::from_millis(1);
@@ -264,22 +266,70 @@ impl Runtime {
         })
     }
 
-    /// Compile a component, or take it from the cache of components already compiled.
-    pub(super) fn compile(&self, sha256: [u8; 32], bytes: &[u8]) -> wasmtime::Result<Component> {
-        if let Some(c) = self
+    /// Compile a component, or take it from the in-memory cache of components already
+    /// compiled, or from the disk cache (keyed by this engine's compatibility hash and the
+    /// component's sha256), so that re-activating a plugin or restarting does not
+    /// recompile it.
+    pub(super) fn compile(
+        &self,
+        sha256: [u8; 32],
+        bytes: &[u8],
+        disk: Option<&DiskCache>,
+    ) -> wasmtime::Result<Component> {
+        let cached = disk.map(|d| d.path(&self.engine, &sha256));
+        let in_memory = self
             .components
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(&sha256)
-        {
-            return Ok(c.clone());
+            .cloned();
+        if let Some(c) = in_memory {
+            // Compiled before this cache was in use: fill it, once.
+            if let (Some(disk), Some(path)) = (disk, &cached)
+                && !path.is_file()
+            {
+                disk.store(path, &c);
+            }
+            return Ok(c);
         }
-        let component = Component::from_binary(&self.engine, bytes)?;
+        let component = match cached.as_deref().and_then(|p| self.load_cached(p)) {
+            Some(c) => c,
+            None => {
+                let component = Component::from_binary(&self.engine, bytes)?;
+                if let (Some(disk), Some(path)) = (disk, &cached) {
+                    disk.store(path, &component);
+                }
+                component
+            }
+        };
         self.components
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(sha256, component.clone());
         Ok(component)
+    }
+
+    /// A compiled component from the disk cache; `None` (and the file removed) if it is
+    /// missing, unreadable or from another engine.
+    fn load_cached(&self, path: &Path) -> Option<Component> {
+        if !path.is_file() {
+            return None;
+        }
+        // SAFETY: wasmtime requires that the file was produced by `Component::serialize`
+        // of a compatible engine and not altered since. Warden writes it (atomically, by
+        // rename) into a directory it created and that [`DiskCache::open`] checked is not
+        // writable by group or others; wasmtime checks the header and engine settings and
+        // refuses anything else, which lands here as a recompile.
+        #[allow(unsafe_code)]
+        let component = unsafe { Component::deserialize_file(&self.engine, path) };
+        match component {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::warn!(file = %file_name(path), error = %e, "discarding a compiled plugin from the cache");
+                let _ = std::fs::remove_file(path);
+                None
+            }
+        }
     }
 
     /// A fresh store for one plugin instance: no WASI capabilities, a memory cap, and the
@@ -310,6 +360,72 @@ impl Runtime {
         store.epoch_deadline_trap();
         store.set_epoch_deadline(limits.deadline_ticks());
         store
+    }
+}
+
+/// Compiled components on disk. Files are named by the engine's compatibility hash and
+/// the component's sha256, so a wasmtime upgrade or different settings never load a stale
+/// artifact, and a component is compiled once per engine.
+#[derive(Debug, Clone)]
+pub struct DiskCache {
+    dir: PathBuf,
+}
+
+impl DiskCache {
+    /// Use `dir` (created with mode 0700 if missing). Refused if group or others may write
+    /// to it: its files are loaded as machine code.
+    pub fn open(dir: &Path) -> Result<Self, String> {
+        let name = file_name(dir);
+        let mut builder = std::fs::DirBuilder::new();
+        builder.recursive(true);
+        #[cfg(unix)]
+        std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+        builder
+            .create(dir)
+            .map_err(|e| format!("plugin cache directory {name}: {}", e.kind()))?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(dir)
+                .map_err(|e| format!("plugin cache directory {name}: {}", e.kind()))?
+                .permissions()
+                .mode();
+            if mode & 0o022 != 0 {
+                return Err(format!(
+                    "plugin cache directory {name} is writable by group or others; \
+                     make it 0700 or choose another"
+                ));
+            }
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    fn path(&self, engine: &Engine, sha256: &[u8; 32]) -> PathBuf {
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        engine.precompile_compatibility_hash().hash(&mut hasher);
+        self.dir.join(format!(
+            "{:016x}-{}.cwasm",
+            hasher.finish(),
+            hex::encode(sha256)
+        ))
+    }
+
+    /// Write `component` to `path` atomically; a failure only costs a recompile later.
+    fn store(&self, path: &Path, component: &Component) {
+        let written = component
+            .serialize()
+            .map_err(|e| e.to_string())
+            .and_then(|bytes| {
+                let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+                std::fs::write(&tmp, bytes)
+                    .and_then(|()| std::fs::rename(&tmp, path))
+                    .map_err(|e| e.kind().to_string())
+            });
+        if let Err(e) = written {
+            tracing::warn!(file = %file_name(path), error = %e, "cannot cache a compiled plugin");
+        }
     }
 }
 

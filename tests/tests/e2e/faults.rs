@@ -43,7 +43,11 @@ async fn every_fault_in_every_slot_is_contained() {
         for (mode, kind) in MODES {
             services
                 .plugins
-                .replace(&source(slot, "misbehave", json!({"mode": mode})))
+                .replace(&source(
+                    slot,
+                    "misbehave",
+                    json!({"mode": mode, "spare_smoke": true}),
+                ))
                 .unwrap();
             let before = metrics.fault_count(slot.as_str(), kind);
             let started = Instant::now();
@@ -134,6 +138,34 @@ async fn bad_plugins_are_refused_at_load_and_the_live_set_stays() {
     assert!(matches!(err, LoadError::Invalid { .. }), "{err}");
 
     assert!(!err.to_string().contains(warden_tests::PLUGIN_DIR), "{err}");
+
+    // A plugin that faults on every call is caught by the smoke call, in every slot.
+    for slot in [Slot::Auth, Slot::Sanitizer, Slot::MetricsPolicy] {
+        for (mode, kind) in [
+            ("loop", "deadline"),
+            ("trap", "trap"),
+            ("garbage", "malformed"),
+        ] {
+            let err = plugins
+                .replace(&source(slot, "misbehave", json!({"mode": mode})))
+                .unwrap_err();
+            assert!(matches!(err, LoadError::Smoke { .. }), "{err}");
+            assert!(
+                err.to_string().contains("failed its smoke call") && err.to_string().contains(kind),
+                "{slot} {mode}: {err}"
+            );
+        }
+    }
+
+    // A component built against another WIT version is named with both versions.
+    let mut newer = source(Slot::Auth, "auth-api-key", json!({}));
+    newer.bytes = warden_tests::with_wit_version(&newer.bytes, "0.2.0").into();
+    let err = plugins.replace(&newer).unwrap_err();
+    assert!(matches!(err, LoadError::Version { .. }), "{err}");
+    assert_eq!(
+        err.to_string(),
+        "auth plugin `auth-api-key` exports warden:policy/auth@0.2.0; this host serves 0.1.x"
+    );
     let r = t.embed(body).await;
     assert_eq!(r.status, 200, "{}", r.text);
     t.server.shutdown().await;
@@ -170,7 +202,11 @@ async fn a_deadline_fires_and_a_memory_cap_holds_when_configured_lower() {
     c.plugins.sanitizer.memory_mib = 4;
     let t = start(c).await;
     let services = t.server.state().services().unwrap();
-    let mut looping = source(Slot::Sanitizer, "misbehave", json!({"mode": "loop"}));
+    let mut looping = source(
+        Slot::Sanitizer,
+        "misbehave",
+        json!({"mode": "loop", "spare_smoke": true}),
+    );
     looping.limits.deadline = Duration::from_millis(50);
     services.plugins.replace(&looping).unwrap();
     let started = Instant::now();

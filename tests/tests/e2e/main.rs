@@ -3,6 +3,7 @@
 // Test helpers outside `#[test]` functions may unwrap: a failure is a test failure.
 #![allow(clippy::unwrap_used)]
 
+mod admin;
 mod auth;
 mod bad_input;
 mod decoder;

@@ -1,0 +1,357 @@
+//! The admin API, on its own listener: inspect, swap and roll back plugins, reload the
+//! configuration, read the audit trail. The host authenticates it with `admin_token`
+//! itself (constant-time compare), never through the swappable auth plugin, so a broken
+//! auth plugin can neither lock operators out nor grant admin rights.
+
+use std::path::{Component, Path};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use warp::http::{HeaderMap, StatusCode};
+use warp::reply::Response;
+use warp::{Filter, Reply};
+
+use crate::AppState;
+use crate::error::ApiError;
+use crate::plugins::{LoadError, PluginSource, Slot, Trigger};
+
+/// Largest component accepted by `PUT /admin/plugins/{slot}`.
+pub const MAX_COMPONENT_BYTES: u64 = 64 << 20;
+
+fn admin_error(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+    ApiError::Admin {
+        status,
+        code,
+        message: message.into(),
+    }
+}
+
+/// Check the bearer token in constant time (over digests, so the length leaks nothing
+/// either).
+fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let unauthorized = |code: &str, message: &str| ApiError::Unauthorized {
+        message: message.into(),
+        code: code.into(),
+    };
+    let Some(token) = &state.config.admin_token else {
+        return Err(unauthorized("invalid_admin_token", "the admin API is off"));
+    };
+    let given = headers
+        .get(warp::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| {
+            unauthorized(
+                "missing_admin_token",
+                "send the admin token as `Authorization: Bearer <token>`",
+            )
+        })?;
+    let expected = Sha256::digest(token.expose().as_bytes());
+    let given = Sha256::digest(given.trim().as_bytes());
+    if bool::from(expected.as_slice().ct_eq(given.as_slice())) {
+        Ok(())
+    } else {
+        Err(unauthorized("invalid_admin_token", "invalid admin token"))
+    }
+}
+
+fn slot(name: &str) -> Result<Slot, ApiError> {
+    Slot::from_name(name).ok_or_else(|| {
+        admin_error(
+            StatusCode::NOT_FOUND,
+            "unknown_slot",
+            "no such slot; the slots are auth, sanitizer and metrics-policy",
+        )
+    })
+}
+
+/// The status and code a refused change is answered with.
+fn refused(e: LoadError) -> ApiError {
+    let (status, code) = match &e {
+        LoadError::NotFound { .. } => (StatusCode::NOT_FOUND, "plugin_file_not_found"),
+        LoadError::NotReadable { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "plugin_not_readable"),
+        LoadError::Sha256Mismatch { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "sha256_mismatch"),
+        LoadError::Invalid { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_component"),
+        LoadError::Version { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "unsupported_wit_version"),
+        LoadError::World { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "wrong_world"),
+        LoadError::Configure { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "configuration_rejected"),
+        LoadError::Smoke { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "smoke_call_failed"),
+        LoadError::NoRollback { .. } => (StatusCode::CONFLICT, "no_rollback_target"),
+        LoadError::Runtime(_) => (StatusCode::UNPROCESSABLE_ENTITY, "plugin_refused"),
+    };
+    admin_error(status, code, e.to_string())
+}
+
+fn ok(value: serde_json::Value) -> Response {
+    warp::reply::json(&value).into_response()
+}
+
+/// Run a change (which compiles) off the reactor.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|_| Err(ApiError::Engine))
+}
+
+/// Parse the optional plugin configuration: a JSON object, as text.
+fn plugin_config(value: Option<serde_json::Value>) -> Result<Option<String>, ApiError> {
+    match value {
+        None => Ok(None),
+        Some(v @ serde_json::Value::Object(_)) => Ok(Some(v.to_string())),
+        Some(_) => Err(admin_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_config",
+            "the plugin configuration must be a JSON object",
+        )),
+    }
+}
+
+fn sha256_param(value: Option<&str>, what: &str) -> Result<String, ApiError> {
+    match value.map(str::trim) {
+        Some(v) if v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            Ok(v.to_ascii_lowercase())
+        }
+        Some(_) => Err(admin_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_sha256",
+            format!("{what} must be 64 hexadecimal digits"),
+        )),
+        None => Err(admin_error(
+            StatusCode::BAD_REQUEST,
+            "missing_sha256",
+            format!("{what} is required: the expected sha256 of the component"),
+        )),
+    }
+}
+
+/// A plugin name an operator gave: letters, digits, `.`, `_`, `-`, at most 64.
+fn plugin_name(name: Option<&str>, sha256: &str) -> Result<String, ApiError> {
+    match name {
+        None => Ok(format!("uploaded-{}", &sha256[..12])),
+        Some(n)
+            if !n.is_empty()
+                && n.len() <= 64
+                && n.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')) =>
+        {
+            Ok(n.to_string())
+        }
+        Some(_) => Err(admin_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_plugin_name",
+            "X-Plugin-Name must be 1-64 of letters, digits, `.`, `_` and `-`",
+        )),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileChange {
+    path: String,
+    sha256: Option<String>,
+    config: Option<serde_json::Value>,
+}
+
+/// The source a `PUT` names: uploaded bytes or a file under the plugin directory.
+fn change_source(
+    state: &AppState,
+    slot: Slot,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Result<PluginSource, ApiError> {
+    let services = state.services().ok_or(ApiError::NotReady)?;
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let content_type = header("content-type").unwrap_or_default();
+    let media = content_type.split(';').next().unwrap_or_default().trim();
+    if media.eq_ignore_ascii_case("application/wasm") {
+        let sha256 = sha256_param(header("x-plugin-sha256"), "X-Plugin-Sha256")?;
+        let config = match header("x-plugin-config") {
+            None => None,
+            Some(text) => plugin_config(Some(serde_json::from_str(text).map_err(|_| {
+                admin_error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_config",
+                    "X-Plugin-Config must be a JSON object",
+                )
+            })?))?,
+        };
+        let name = plugin_name(header("x-plugin-name"), &sha256)?;
+        return Ok(services.plugins.source_for(
+            slot,
+            name,
+            body.to_vec().into(),
+            Some(sha256),
+            config,
+        ));
+    }
+    if !media.eq_ignore_ascii_case("application/json") {
+        return Err(ApiError::Admin {
+            status: StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            code: "unsupported_media_type",
+            message: "send the component as application/wasm, or application/json naming a \
+                      file in the plugin directory"
+                .into(),
+        });
+    }
+    let change: FileChange = serde_json::from_slice(&body).map_err(|e| {
+        admin_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            format!("invalid body: {e}"),
+        )
+    })?;
+    let sha256 = sha256_param(change.sha256.as_deref(), "sha256")?;
+    let relative = Path::new(&change.path);
+    if change.path.is_empty()
+        || !relative
+            .components()
+            .all(|c| matches!(c, Component::Normal(_)))
+    {
+        return Err(admin_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_path",
+            "path must be relative to the plugin directory, without `..`",
+        ));
+    }
+    let path = state.config.plugin_dir.join(relative);
+    let file = PluginSource::from_file(
+        slot,
+        &path,
+        Some(sha256.clone()),
+        String::new(),
+        Default::default(),
+    )
+    .map_err(refused)?;
+    Ok(services.plugins.source_for(
+        slot,
+        file.name,
+        file.bytes,
+        Some(sha256),
+        plugin_config(change.config)?,
+    ))
+}
+
+async fn list(state: Arc<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    authorize(&state, &headers)?;
+    let services = state.services().ok_or(ApiError::NotReady)?;
+    Ok(ok(json!({"plugins": services.plugins.status()})))
+}
+
+async fn audit(state: Arc<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    authorize(&state, &headers)?;
+    let services = state.services().ok_or(ApiError::NotReady)?;
+    Ok(ok(json!({"events": services.plugins.audit_events()})))
+}
+
+async fn put(
+    name: String,
+    state: Arc<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    authorize(&state, &headers)?;
+    let slot = slot(&name)?;
+    let status = blocking(move || {
+        let source = change_source(&state, slot, &headers, body)?;
+        let services = state.services().ok_or(ApiError::NotReady)?;
+        services
+            .plugins
+            .apply(std::slice::from_ref(&source), Trigger::Admin)
+            .map(|mut s| s.remove(0))
+            .map_err(refused)
+    })
+    .await?;
+    Ok(ok(json!({"plugin": status})))
+}
+
+async fn rollback(
+    name: String,
+    state: Arc<AppState>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authorize(&state, &headers)?;
+    let slot = slot(&name)?;
+    let services = state.services().ok_or(ApiError::NotReady)?;
+    let status = services
+        .plugins
+        .rollback(slot, Trigger::Rollback)
+        .map_err(refused)?;
+    Ok(ok(json!({"plugin": status})))
+}
+
+async fn reload(state: Arc<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    authorize(&state, &headers)?;
+    state.services().ok_or(ApiError::NotReady)?;
+    let report = blocking(move || {
+        state.reload(Trigger::Reload).map_err(|message| {
+            admin_error(StatusCode::UNPROCESSABLE_ENTITY, "reload_refused", message)
+        })
+    })
+    .await?;
+    Ok(ok(serde_json::to_value(report).unwrap_or_default()))
+}
+
+fn respond(result: Result<Response, ApiError>) -> Response {
+    result.unwrap_or_else(|e| {
+        if e.status() != StatusCode::UNAUTHORIZED {
+            tracing::info!(status = e.status().as_u16(), error = %e, "admin request refused");
+        }
+        e.into_response()
+    })
+}
+
+/// The admin routes.
+pub fn routes(
+    state: Arc<AppState>,
+) -> impl Filter<Extract = (Response,), Error = std::convert::Infallible> + Clone {
+    let with_state = warp::any().map(move || state.clone());
+    let headers = warp::header::headers_cloned();
+    let list = warp::path!("admin" / "plugins")
+        .and(warp::get())
+        .and(with_state.clone())
+        .and(headers)
+        .then(list)
+        .map(respond);
+    let audit = warp::path!("admin" / "audit")
+        .and(warp::get())
+        .and(with_state.clone())
+        .and(headers)
+        .then(audit)
+        .map(respond);
+    let put = warp::path!("admin" / "plugins" / String)
+        .and(warp::put())
+        .and(with_state.clone())
+        .and(headers)
+        .and(warp::body::content_length_limit(MAX_COMPONENT_BYTES))
+        .and(warp::body::bytes())
+        .then(put)
+        .map(respond);
+    let rollback = warp::path!("admin" / "plugins" / String / "rollback")
+        .and(warp::post())
+        .and(with_state.clone())
+        .and(headers)
+        .then(rollback)
+        .map(respond);
+    let reload = warp::path!("admin" / "reload")
+        .and(warp::post())
+        .and(with_state)
+        .and(headers)
+        .then(reload)
+        .map(respond);
+    list.or(audit)
+        .unify()
+        .or(put)
+        .unify()
+        .or(rollback)
+        .unify()
+        .or(reload)
+        .unify()
+        .recover(super::rejection)
+        .unify()
+}
