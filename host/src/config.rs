@@ -706,6 +706,110 @@ mod tests {
     }
 
     #[test]
+    fn every_setting_has_a_flag_and_flags_win() {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            serve: ServeArgs,
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.toml");
+        std::fs::write(
+            &path,
+            "body_limit_bytes = 10\n[engine]\nmax_sequences = 2\n\
+             [plugins.auth]\nfile = \"a.wasm\"\nsha256 = \"",
+        )
+        .unwrap();
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        text.push_str(&format!("{}\"\ndeadline_ms = 7\n", "a".repeat(64)));
+        std::fs::write(&path, text).unwrap();
+        let cli = Cli::try_parse_from([
+            "warden",
+            "--config",
+            path.to_str().unwrap(),
+            "--max-sequences",
+            "3",
+            "--auth-deadline-ms",
+            "9",
+            "--sanitizer-plugin-config",
+            r#"{"max_texts": 2}"#,
+            "--metrics-policy-failure",
+            "closed",
+            "--admin-token",
+            "t0123456789abcdef0123456789abcdef",
+        ])
+        .unwrap();
+        let c = cli.serve.resolve().unwrap();
+        assert_eq!(c.body_limit_bytes, 10, "file over default");
+        assert_eq!(c.engine.max_sequences, 3, "flag over file");
+        assert_eq!(c.plugins.auth.deadline_ms, 9);
+        assert_eq!(c.plugins.auth.sha256.as_deref(), Some(&*"a".repeat(64)));
+        assert_eq!(c.plugins.sanitizer.config["max_texts"], 2);
+        assert_eq!(
+            c.plugins.metrics_policy.failure,
+            Some(FailurePolicy::Closed)
+        );
+        assert!(!format!("{c:?}").contains("t0123456789abcdef"));
+
+        // A new file from a flag drops the file's digest, which was for another file.
+        let cli = Cli::try_parse_from([
+            "warden",
+            "--config",
+            path.to_str().unwrap(),
+            "--auth-plugin",
+            "b.wasm",
+        ])
+        .unwrap();
+        assert_eq!(cli.serve.resolve().unwrap().plugins.auth.sha256, None);
+    }
+
+    #[test]
+    fn unsafe_settings_are_refused() {
+        let mut c = Config::default();
+        c.admin_token = Some(Secret::new("short"));
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("at least 32")
+        );
+        let mut c = Config::default();
+        c.plugins.auth.failure = Some(FailurePolicy::Open);
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("must be \"closed\"")
+        );
+        let mut c = Config::default();
+        c.plugins.metrics_policy.failure = Some(FailurePolicy::Closed);
+        assert!(c.validate().is_ok());
+        c.plugins.sanitizer.sha256 = Some("xyz".into());
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("64 hexadecimal")
+        );
+        assert!(
+            Config::default().admin_token.is_none(),
+            "admin API off by default"
+        );
+        assert!(Config::default().listen.ip().is_loopback());
+        assert!(Config::default().admin_listen.ip().is_loopback());
+    }
+
+    #[test]
+    fn restart_only_settings_are_named() {
+        let a = Config::default();
+        let mut b = a.clone();
+        b.listen = "127.0.0.1:1".parse().unwrap();
+        b.plugins.sanitizer.deadline_ms = 5;
+        assert_eq!(a.restart_required(&b), ["listen"]);
+    }
+
+    #[test]
     fn limits_are_checked() {
         let mut c = Config::default();
         c.plugins.auth.deadline_ms = 0;

@@ -1,0 +1,281 @@
+//! The `warden` binary as operators and plugin authors run it: `plugin inspect`,
+//! `plugin check`, and `serve` with a configuration file that SIGHUP reloads and SIGTERM
+//! ends cleanly.
+//!
+//! The components come from `target/wasm-plugins`, which the end-to-end tests' build
+//! script fills during the same `cargo test --workspace` build (`make test`).
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_warden");
+const API_KEY: &str = "cli-test-inference-key-31f0";
+const ADMIN_TOKEN: &str = "cli-test-admin-token-0123456789abcdef";
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+/// A reference component, by package name.
+fn component(package: &str) -> PathBuf {
+    let path = root().join(format!(
+        "target/wasm-plugins/wasm32-wasip2/release/{}.wasm",
+        package.replace('-', "_")
+    ));
+    assert!(
+        path.is_file(),
+        "{} is missing: build the plugins (`make plugins`; `make test` does)",
+        path.display()
+    );
+    path
+}
+
+fn models_dir() -> PathBuf {
+    let dir =
+        std::env::var_os("WARDEN_MODELS_DIR").map_or_else(|| root().join("models"), PathBuf::from);
+    assert!(
+        dir.join("all-MiniLM-L6-v2/model.safetensors").is_file(),
+        "models are missing: run `make models` (make test does)"
+    );
+    dir
+}
+
+fn run(args: &[&str]) -> (bool, String) {
+    let out = Command::new(BIN).args(args).output().expect("run warden");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[test]
+fn inspect_names_world_version_and_digest() {
+    let file = component("auth-api-key");
+    let (ok, out) = run(&["plugin", "inspect", file.to_str().unwrap(), "--json"]);
+    assert!(ok, "{out}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["world"], "warden:policy/auth-plugin");
+    assert_eq!(report["wit_versions"], serde_json::json!(["0.1.0"]));
+    assert_eq!(report["served"], true);
+    assert_eq!(report["sha256"].as_str().unwrap().len(), 64);
+    assert!(
+        report["exports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e == "warden:policy/auth@0.1.0")
+    );
+    let (ok, out) = run(&["plugin", "inspect", file.to_str().unwrap()]);
+    assert!(
+        ok && out.contains("world:    warden:policy/auth-plugin"),
+        "{out}"
+    );
+}
+
+#[test]
+fn check_gives_a_verdict() {
+    let auth = component("auth-api-key");
+    let (ok, out) = run(&[
+        "plugin",
+        "check",
+        auth.to_str().unwrap(),
+        "--slot",
+        "auth",
+        "--config",
+        r#"{"keys": []}"#,
+    ]);
+    assert!(
+        ok && out.starts_with("PASS: auth plugin `auth_api_key`"),
+        "{out}"
+    );
+
+    let sanitizer = component("sanitize-basic");
+    let (ok, out) = run(&[
+        "plugin",
+        "check",
+        sanitizer.to_str().unwrap(),
+        "--slot",
+        "auth",
+    ]);
+    assert!(!ok, "{out}");
+    assert!(
+        out.starts_with("FAIL: auth plugin `sanitize_basic` does not implement world"),
+        "{out}"
+    );
+    let (ok, out) = run(&[
+        "plugin",
+        "check",
+        sanitizer.to_str().unwrap(),
+        "--slot",
+        "sanitizer",
+        "--config",
+        r#"{"max_texts": "many"}"#,
+    ]);
+    assert!(!ok && out.contains("rejected its configuration"), "{out}");
+    let (ok, out) = run(&[
+        "plugin",
+        "check",
+        sanitizer.to_str().unwrap(),
+        "--slot",
+        "sanitizer",
+        "--sha256",
+        &"0".repeat(64),
+    ]);
+    assert!(!ok && out.contains("sha256 mismatch"), "{out}");
+    assert!(!out.contains(&root().display().to_string()), "{out}");
+}
+
+/// A `warden serve` process and its log lines (JSON), read on a thread.
+struct Serving {
+    child: Child,
+    lines: mpsc::Receiver<serde_json::Value>,
+    log: Vec<serde_json::Value>,
+}
+
+impl Serving {
+    /// Read the log up to the next line whose message is `message`.
+    fn wait_for(&mut self, message: &str) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(180);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self
+                .lines
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no `{message}` in the log: {:#?}", self.log));
+            self.log.push(line.clone());
+            if line["fields"]["message"] == message {
+                return line;
+            }
+        }
+    }
+}
+
+fn signal(child: &Child, name: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{name}"), &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_reloads_on_sighup_and_stops_cleanly_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = dir.path().join("plugins");
+    std::fs::create_dir(&plugins).unwrap();
+    for p in ["auth-api-key", "sanitize-basic", "metrics-policy-basic"] {
+        std::fs::copy(component(p), plugins.join(format!("{p}.wasm"))).unwrap();
+    }
+    let config = dir.path().join("warden.toml");
+    let write_config = |max_texts: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+                 plugin_dir = \"{}\"\ncache_dir = \"{}\"\n\
+                 [plugins.sanitizer.config]\nmax_texts = {max_texts}\n",
+                plugins.display(),
+                dir.path().join("cache").display()
+            ),
+        )
+        .unwrap();
+    };
+    write_config("4");
+    let mut child = Command::new(BIN)
+        .args(["--log-json", "serve", "--config", config.to_str().unwrap()])
+        .env("WARDEN_MODELS_DIR", models_dir())
+        .env("WARDEN_API_KEY", API_KEY)
+        .env("WARDEN_ADMIN_TOKEN", ADMIN_TOKEN)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn warden serve");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let value = serde_json::from_str(&line)
+                .unwrap_or_else(|_| serde_json::json!({"fields": {"message": line}}));
+            if tx.send(value).is_err() {
+                return;
+            }
+        }
+    });
+    let mut s = Serving {
+        child,
+        lines,
+        log: Vec::new(),
+    };
+    let addr = s.wait_for("listening")["fields"]["addr"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let admin = s.wait_for("admin API listening")["fields"]["addr"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    s.wait_for("ready");
+
+    let client = reqwest::Client::new();
+    let embed = |n: usize| {
+        let inputs: Vec<String> = (0..n).map(|i| format!("text {i}")).collect();
+        client
+            .post(format!("http://{addr}/v1/embeddings"))
+            .bearer_auth(API_KEY)
+            .json(&serde_json::json!({"model": "all-MiniLM-L6-v2", "input": inputs}))
+            .send()
+    };
+    assert_eq!(embed(3).await.unwrap().status(), 200);
+
+    write_config("2");
+    signal(&s.child, "HUP");
+    s.wait_for("SIGHUP: configuration reloaded");
+    assert_eq!(embed(3).await.unwrap().status(), 400);
+    let audit: serde_json::Value = client
+        .get(format!("http://{admin}/admin/audit"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        audit["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["trigger"] == "sighup"
+                && e["slot"] == "sanitizer"
+                && e["outcome"] == "accepted"),
+        "{audit}"
+    );
+
+    // A configuration the plugin rejects: refused, and the running set stays.
+    write_config("\"two\"");
+    signal(&s.child, "HUP");
+    s.wait_for("SIGHUP: reload refused");
+    assert_eq!(embed(3).await.unwrap().status(), 400);
+    assert_eq!(embed(2).await.unwrap().status(), 200);
+
+    signal(&s.child, "TERM");
+    let status = s.child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    while let Ok(line) = s.lines.recv_timeout(Duration::from_secs(5)) {
+        s.log.push(line);
+    }
+    let log = serde_json::to_string(&s.log).unwrap();
+    for secret in [API_KEY, ADMIN_TOKEN] {
+        assert!(!log.contains(secret), "a secret in the log");
+    }
+    // The compiled plugins were cached for the next start.
+    let cached = std::fs::read_dir(dir.path().join("cache")).unwrap().count();
+    assert_eq!(cached, 3);
+}
