@@ -766,8 +766,10 @@ mod tests {
 
     #[test]
     fn unsafe_settings_are_refused() {
-        let mut c = Config::default();
-        c.admin_token = Some(Secret::new("short"));
+        let c = Config {
+            admin_token: Some(Secret::new("short")),
+            ..Config::default()
+        };
         assert!(
             c.validate()
                 .unwrap_err()
