@@ -14,7 +14,7 @@ OPENAI_VERSION := 2.54.0
 MINILM := $(MODELS_DIR)/all-MiniLM-L6-v2/model.safetensors
 SMOLLM := $(MODELS_DIR)/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: run build plugins models wasm-target venv bench-venv bench lint test fmt clean
+.PHONY: run build plugins models wasm-target venv bench-venv bench bench-swap lint test fmt clean
 
 ## Serve on $WARDEN_LISTEN (default 127.0.0.1:8080); honours every WARDEN_* variable.
 run: wasm-target models plugins build
@@ -76,6 +76,13 @@ bench: models plugins bench-venv
 	$(CARGO) build --release --locked -p warden --bin warden --example bench_text
 	.bench-venv/bin/python tests/python/bench_generation.py $(SMOLLM) \
 		target/release/warden target/release/examples/bench_text $(BENCH_ROUNDS)
+
+## Plugin swap latency: cold start (compiles), warm start (disk cache), swaps and rollback.
+bench-swap: plugins
+	$(CARGO) build --release --locked -p warden --example bench_swap
+	@rm -rf target/bench-swap-cache
+	./target/release/examples/bench_swap $(PLUGIN_DIR) target/bench-swap-cache
+	./target/release/examples/bench_swap $(PLUGIN_DIR) target/bench-swap-cache
 
 lint:
 	$(CARGO) fmt --all --check
