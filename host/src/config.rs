@@ -142,6 +142,12 @@ pub struct Config {
     pub generated_key_file: PathBuf,
     /// Largest request body, in bytes.
     pub body_limit_bytes: u64,
+    /// On SIGTERM/SIGINT, how long requests and streams in flight may run before the streams
+    /// still open get a final error event.
+    pub shutdown_grace_secs: u64,
+    /// On SIGTERM/SIGINT, how long `/ready` answers 503 while new connections are still
+    /// accepted, so that a load balancer stops routing here first.
+    pub shutdown_delay_ms: u64,
     /// Engine settings.
     pub engine: EngineConfig,
     /// Plugin slots.
@@ -165,6 +171,8 @@ impl Default for Config {
             metrics_api_key: None,
             generated_key_file: PathBuf::from(".warden/api-key"),
             body_limit_bytes: 2 * 1024 * 1024,
+            shutdown_grace_secs: 30,
+            shutdown_delay_ms: 0,
             engine: EngineConfig::default(),
             plugins: PluginsConfig::default(),
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
@@ -345,6 +353,14 @@ impl Config {
             self.body_limit_bytes != other.body_limit_bytes,
         );
         check("engine", self.engine != other.engine);
+        check(
+            "shutdown_grace_secs",
+            self.shutdown_grace_secs != other.shutdown_grace_secs,
+        );
+        check(
+            "shutdown_delay_ms",
+            self.shutdown_delay_ms != other.shutdown_delay_ms,
+        );
         check("admin_listen", self.admin_listen != other.admin_listen);
         check("admin_token", self.admin_token != other.admin_token);
         check("cache_dir", self.cache_dir != other.cache_dir);
@@ -392,6 +408,12 @@ pub struct ServeArgs {
     /// Largest request body in bytes [default: 2097152].
     #[arg(long, env = "WARDEN_BODY_LIMIT_BYTES")]
     pub body_limit_bytes: Option<u64>,
+    /// Seconds requests in flight get to finish on shutdown [default: 30].
+    #[arg(long, env = "WARDEN_SHUTDOWN_GRACE_SECS")]
+    pub shutdown_grace_secs: Option<u64>,
+    /// Milliseconds `/ready` says 503 before the listener closes on shutdown [default: 0].
+    #[arg(long, env = "WARDEN_SHUTDOWN_DELAY_MS")]
+    pub shutdown_delay_ms: Option<u64>,
     /// Requests that may wait per model [default: 64].
     #[arg(long, env = "WARDEN_QUEUE_CAPACITY")]
     pub queue_capacity: Option<usize>,
@@ -586,9 +608,9 @@ impl ServeArgs {
         set_some(&mut config.generated_key_file, this.generated_key_file);
         set_some(&mut config.admin_listen, this.admin_listen);
         set_some(&mut config.cache_dir, this.cache_dir);
-        if let Some(v) = this.body_limit_bytes {
-            config.body_limit_bytes = v;
-        }
+        set_some(&mut config.body_limit_bytes, this.body_limit_bytes);
+        set_some(&mut config.shutdown_grace_secs, this.shutdown_grace_secs);
+        set_some(&mut config.shutdown_delay_ms, this.shutdown_delay_ms);
         if let Some(v) = this.queue_capacity {
             config.engine.queue_capacity = v;
         }

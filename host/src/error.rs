@@ -82,6 +82,12 @@ pub enum ApiError {
     /// The model failed.
     #[error("the model failed to process this request")]
     Engine,
+    /// The server is shutting down and the grace period for requests in flight is over.
+    #[error("the server is shutting down; retry on another instance")]
+    ShuttingDown,
+    /// A bug in the host (a task that panicked); logged where it happened.
+    #[error("an internal error occurred; the request was not completed")]
+    Internal,
     /// An operator's plugin change was refused, or an admin request was malformed.
     #[error("{message}")]
     Admin {
@@ -209,6 +215,18 @@ impl ApiError {
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "server_error",
                 Some("engine_error"),
+                false,
+            ),
+            ShuttingDown => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                Some("server_shutting_down"),
+                true,
+            ),
+            Internal => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                Some("internal_error"),
                 false,
             ),
             Admin { status, code, .. } => (*status, "invalid_request_error", Some(code), false),

@@ -17,7 +17,7 @@ pub mod plugins;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
 
@@ -97,6 +97,25 @@ pub struct ReloadReport {
     pub restart_required: Vec<&'static str>,
 }
 
+/// Where the server is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Accepting and serving.
+    Serving,
+    /// Shutting down: `/ready` says 503; requests in flight run to completion.
+    Draining,
+    /// The grace period is over: streams still open end with an error event.
+    Aborting,
+}
+
+/// Resolves once the server is [`Phase::Aborting`] (at once if it already is).
+pub async fn aborted(phase: &mut watch::Receiver<Phase>) {
+    if phase.wait_for(|p| *p == Phase::Aborting).await.is_err() {
+        // The server is gone: nothing will ever abort this work.
+        std::future::pending::<()>().await;
+    }
+}
+
 /// State shared by all handlers.
 #[derive(Debug)]
 pub struct AppState {
@@ -106,12 +125,24 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     services: OnceLock<Services>,
     reloader: Reloader,
+    phase: watch::Sender<Phase>,
 }
 
 impl AppState {
     /// The loaded services, or `None` while still loading.
     pub fn services(&self) -> Option<&Services> {
         self.services.get()
+    }
+
+    /// Where the server is in its life.
+    pub fn phase(&self) -> Phase {
+        *self.phase.borrow()
+    }
+
+    /// A watch on the phase, for work that must end cleanly once a shutdown's grace period
+    /// is over (see [`aborted`]).
+    pub fn phase_watch(&self) -> watch::Receiver<Phase> {
+        self.phase.subscribe()
     }
 
     /// Read the configuration again and apply its plugin slots, all or none, through the
@@ -252,6 +283,9 @@ fn load_services(config: &Config, metrics: Arc<Metrics>) -> Result<Services, Sta
     })
 }
 
+/// After the grace period, how long streams get to send their final event.
+const ABORT_GRACE: Duration = Duration::from_secs(5);
+
 async fn bind(addr: SocketAddr) -> Result<(tokio::net::TcpListener, SocketAddr), StartError> {
     let error = |e: std::io::Error| StartError::Bind {
         addr,
@@ -296,6 +330,7 @@ impl Server {
             metrics,
             services: OnceLock::new(),
             reloader,
+            phase: watch::Sender::new(Phase::Serving),
         });
 
         let (ready_tx, ready) = watch::channel(None);
@@ -369,12 +404,28 @@ impl Server {
         outcome.clone().unwrap_or_else(|| Err("not loaded".into()))
     }
 
-    /// Stop accepting connections and wait for requests in flight to finish.
+    /// Shut down gracefully: `/ready` turns 503 at once; after `shutdown_delay_ms` both
+    /// listeners stop accepting; requests and streams in flight run to completion for up to
+    /// `shutdown_grace_secs`, after which streams still open end with a final error event.
     pub async fn shutdown(self) {
-        let _ = self.shutdown.send(true);
-        for task in self.tasks {
-            let _ = task.await;
+        let grace = Duration::from_secs(self.state.config.shutdown_grace_secs);
+        let delay = Duration::from_millis(self.state.config.shutdown_delay_ms);
+        self.state.phase.send_replace(Phase::Draining);
+        tracing::info!(grace_secs = grace.as_secs(), "shutting down: draining");
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
         }
+        let _ = self.shutdown.send(true);
+        let all = futures_util::future::join_all(self.tasks);
+        tokio::pin!(all);
+        if tokio::time::timeout(grace, &mut all).await.is_err() {
+            tracing::warn!("grace period over: ending the streams still open");
+            self.state.phase.send_replace(Phase::Aborting);
+            if tokio::time::timeout(ABORT_GRACE, &mut all).await.is_err() {
+                tracing::error!("connections still open after the grace period; closing them");
+            }
+        }
+        tracing::info!("stopped");
     }
 }
 
@@ -409,7 +460,6 @@ pub async fn run(config: Config, reloader: Reloader) -> Result<(), StartError> {
         }
     }
     shutdown_signal().await;
-    tracing::info!("shutting down");
     server.shutdown().await;
     Ok(())
 }

@@ -265,7 +265,28 @@ async fn serve_reloads_on_sighup_and_stops_cleanly_on_sigterm() {
     assert_eq!(embed(3).await.unwrap().status(), 400);
     assert_eq!(embed(2).await.unwrap().status(), 200);
 
+    // SIGTERM with a stream in flight: the stream runs to its end, then the process exits 0.
+    let mut stream = client
+        .post(format!("http://{addr}/v1/chat/completions"))
+        .bearer_auth(API_KEY)
+        .json(&serde_json::json!({
+            "model": "SmolLM2-135M-Instruct",
+            "messages": [{"role": "user", "content": "Count from one to twenty in words."}],
+            "max_tokens": 24,
+            "temperature": 0,
+            "stream": true,
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    let mut body = String::from_utf8(stream.chunk().await.unwrap().unwrap().to_vec()).unwrap();
     signal(&s.child, "TERM");
+    while let Some(chunk) = stream.chunk().await.expect("a clean end") {
+        body.push_str(std::str::from_utf8(&chunk).unwrap());
+    }
+    assert!(body.trim_end().ends_with("[DONE]"), "{body}");
+    assert!(body.contains("\"finish_reason\":\"length\""), "{body}");
     let status = s.child.wait().unwrap();
     assert!(status.success(), "{status}");
     while let Ok(line) = s.lines.recv_timeout(Duration::from_secs(5)) {

@@ -94,9 +94,10 @@ fn ok(value: serde_json::Value) -> Response {
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .unwrap_or_else(|_| Err(ApiError::Engine))
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|_| {
+        tracing::error!("an admin change panicked; the live plugin set is unchanged");
+        Err(ApiError::Internal)
+    })
 }
 
 /// Parse the optional plugin configuration: a JSON object, as text.
@@ -352,6 +353,25 @@ pub fn routes(
         .unify()
         .or(reload)
         .unify()
-        .recover(super::rejection)
+        .recover(rejection)
         .unify()
+}
+
+/// The API's rejections, plus the body limits of an upload.
+async fn rejection(r: warp::Rejection) -> Result<Response, std::convert::Infallible> {
+    if r.find::<warp::reject::PayloadTooLarge>().is_some() {
+        return Ok(ApiError::PayloadTooLarge {
+            limit: MAX_COMPONENT_BYTES,
+        }
+        .into_response());
+    }
+    if r.find::<warp::reject::LengthRequired>().is_some() {
+        return Ok(admin_error(
+            StatusCode::LENGTH_REQUIRED,
+            "length_required",
+            "send the component with a Content-Length",
+        )
+        .into_response());
+    }
+    super::rejection(r).await
 }

@@ -8,7 +8,7 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Buf;
 use futures_util::{Stream, StreamExt};
@@ -196,6 +196,10 @@ struct Generation {
     request_id: Arc<str>,
     model: String,
     metrics: Arc<Metrics>,
+    /// When the engine accepted the generation.
+    started: Instant,
+    /// When its first token arrived.
+    first_token: Option<Instant>,
 }
 
 /// One step of a generation, after the output filter.
@@ -219,6 +223,12 @@ impl Generation {
     async fn next(&mut self) -> Result<Step, ApiError> {
         match self.events.recv().await {
             Some(GenerateEvent::Delta(text)) => {
+                if self.first_token.is_none() {
+                    let now = Instant::now();
+                    self.first_token = Some(now);
+                    self.metrics
+                        .observe_first_token(&self.model, now - self.started);
+                }
                 let out = self.session.push(self.filter, text).await?;
                 Ok(Step::Text(out.map_err(ApiError::Refused)?))
             }
@@ -227,6 +237,12 @@ impl Generation {
                 prompt_tokens,
                 completion_tokens,
             }) => {
+                self.metrics.record_generation(
+                    &self.model,
+                    prompt_tokens,
+                    completion_tokens,
+                    self.first_token.map(|t| t.elapsed()),
+                );
                 let rest = self.session.finish(self.filter).await?;
                 Ok(Step::Done {
                     rest: rest.map_err(ApiError::Refused)?,
@@ -441,14 +457,22 @@ async fn run(
         request_id: ctx.meta.request_id.clone(),
         model: model.id.clone(),
         metrics: ctx.state.metrics.clone(),
+        started: Instant::now(),
+        first_token: None,
     };
     let shape = Shape::new(api, &model.id);
+    let phase = ctx.state.phase_watch();
     if params.stream {
-        return Ok(stream(generation, shape, params.include_usage));
+        return Ok(stream(generation, shape, params.include_usage, phase));
     }
     let mut text = String::new();
+    let mut phase = phase;
     loop {
-        match generation.next().await? {
+        let step = tokio::select! {
+            step = generation.next() => step,
+            () = crate::aborted(&mut phase) => Err(ApiError::ShuttingDown),
+        };
+        match step? {
             Step::Text(t) => text.push_str(&t),
             Step::Done {
                 rest,
@@ -467,20 +491,32 @@ async fn run(
 /// Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`. A failure
 /// mid-stream ends it with an `{"error": ...}` event. Dropping the stream (the client went
 /// away) drops the engine's event channel, which stops the generation at its next token.
-fn stream(generation: Generation, shape: Shape, include_usage: bool) -> Response {
+/// When a shutdown's grace period ends, the stream ends with a final error event
+/// (`server_shutting_down`) instead of a cut connection.
+fn stream(
+    generation: Generation,
+    shape: Shape,
+    include_usage: bool,
+    phase: tokio::sync::watch::Receiver<crate::Phase>,
+) -> Response {
     let span = tracing::Span::current();
     let opening = match shape.api {
         Api::Chat => vec![shape.chunk(Some(""), true, None, include_usage)],
         Api::Completion => Vec::new(),
     };
-    let state = Some((generation, shape));
+    let open = generation.metrics.stream_opened();
+    let state = Some((generation, shape, phase, open));
     let body = futures_util::stream::unfold(state, move |state| {
         let span = span.clone();
         async move {
-            let (mut generation, shape) = state?;
+            let (mut generation, shape, mut phase, open) = state?;
             let mut out = Vec::new();
             loop {
-                match generation.next().await {
+                let step = tokio::select! {
+                    step = generation.next() => step,
+                    () = crate::aborted(&mut phase) => Err(ApiError::ShuttingDown),
+                };
+                match step {
                     Ok(Step::Text(t)) if t.is_empty() => continue,
                     Ok(Step::Text(t)) => {
                         out.push(
@@ -488,7 +524,7 @@ fn stream(generation: Generation, shape: Shape, include_usage: bool) -> Response
                                 .chunk(Some(&t), false, None, include_usage)
                                 .to_string(),
                         );
-                        return Some((out, Some((generation, shape))));
+                        return Some((out, Some((generation, shape, phase, open))));
                     }
                     Ok(Step::Done {
                         rest,

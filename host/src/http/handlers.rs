@@ -48,6 +48,7 @@ where
     Fut: Future<Output = Result<Response, ApiError>>,
 {
     let span = tracing::info_span!("http", request_id = %meta.request_id, route);
+    let started = std::time::Instant::now();
     async move {
         let request_id = meta.request_id.clone();
         let Some(services) = state.services() else {
@@ -97,6 +98,9 @@ where
             }
             Err(_) => state.metrics.record_unlabelled_request(),
         }
+        state
+            .metrics
+            .observe_request(route, summary.status, started.elapsed());
         with_request_id(response, &request_id)
     }
     .instrument(span)
@@ -310,6 +314,23 @@ pub async fn models(state: Arc<AppState>, meta: RequestMeta) -> Response {
     .await
 }
 
+/// `GET /v1/metrics`: the Prometheus text exposition, limited to the series the metrics
+/// policy lets this caller see. Needs scope `metrics`.
+pub async fn metrics(state: Arc<AppState>, meta: RequestMeta) -> Response {
+    guarded(state, meta, "/v1/metrics", "metrics", |ctx| async move {
+        let visibility = ctx
+            .plugins
+            .visible_series(&ctx.principal, &ctx.meta.request_id)
+            .await;
+        let text = ctx.state.metrics.encode_visible(&visibility);
+        Ok(
+            warp::reply::with_header(text, "content-type", crate::metrics::CONTENT_TYPE)
+                .into_response(),
+        )
+    })
+    .await
+}
+
 /// `GET /health`: the process is up. No auth, nothing about the deployment.
 pub fn health() -> Response {
     warp::reply::json(&serde_json::json!({"status": "ok"})).into_response()
@@ -317,9 +338,10 @@ pub fn health() -> Response {
 
 /// `GET /ready`: 200 once models and plugins are loaded, 503 before.
 pub fn ready(state: Arc<AppState>) -> Response {
-    let (status, text) = match state.services() {
-        Some(_) => (StatusCode::OK, "ready"),
-        None => (StatusCode::SERVICE_UNAVAILABLE, "loading"),
+    let (status, text) = match (state.phase(), state.services()) {
+        (crate::Phase::Serving, Some(_)) => (StatusCode::OK, "ready"),
+        (crate::Phase::Serving, None) => (StatusCode::SERVICE_UNAVAILABLE, "loading"),
+        _ => (StatusCode::SERVICE_UNAVAILABLE, "draining"),
     };
     warp::reply::with_status(
         warp::reply::json(&serde_json::json!({"status": text})),

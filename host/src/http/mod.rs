@@ -91,6 +91,11 @@ pub fn routes(
     let completions = post(warp::path!("v1" / "completions").boxed()).then(generation::completions);
     let tokenize = post(warp::path!("tokenize").boxed()).then(generation::tokenize);
     let detokenize = post(warp::path!("detokenize").boxed()).then(generation::detokenize);
+    let metrics = warp::path!("v1" / "metrics")
+        .and(warp::get())
+        .and(with_state.clone())
+        .and(meta())
+        .then(handlers::metrics);
     let health = warp::path!("health").and(warp::get()).map(handlers::health);
     let ready = warp::path!("ready")
         .and(warp::get())
@@ -106,6 +111,8 @@ pub fn routes(
         .or(detokenize)
         .unify()
         .or(models)
+        .unify()
+        .or(metrics)
         .unify()
         .or(health)
         .unify()

@@ -332,4 +332,8 @@ pub trait FaultSink: Send + Sync + fmt::Debug {
 
     /// Called once per requested plugin change, whatever became of it.
     fn swap(&self, _slot: Slot, _trigger: Trigger, _outcome: Outcome) {}
+
+    /// Called once per host→plugin call with its wall-clock duration (queueing for a plugin
+    /// thread included).
+    fn call_duration(&self, _slot: Slot, _duration: std::time::Duration) {}
 }

@@ -449,10 +449,13 @@ where
     R: Send + 'static,
 {
     loaded.stats.calls.fetch_add(1, Ordering::Relaxed);
-    match runtime::call(f).await {
+    let started = Instant::now();
+    let result = match runtime::call(f).await {
         Ok(result) => result,
         Err(lost) => Err(loaded.fault(lost.kind(), request_id)),
-    }
+    };
+    loaded.sink.call_duration(loaded.slot, started.elapsed());
+    result
 }
 
 fn truncate(s: &mut String, max: usize) {

@@ -412,6 +412,17 @@ async fn the_admin_api_is_the_hosts_own() {
         )
         .await;
     assert_eq!(r.error(415)["code"], "unsupported_media_type");
+    // An upload without a length is refused before any of it is buffered.
+    let chunks = futures_util::stream::iter([Ok::<_, std::io::Error>(b"\0asm".to_vec())]);
+    let r = t
+        .send(
+            t.admin(Method::PUT, "/admin/plugins/auth")
+                .header("content-type", "application/wasm")
+                .header("x-plugin-sha256", "0".repeat(64))
+                .body(reqwest::Body::wrap_stream(chunks)),
+        )
+        .await;
+    assert_eq!(r.error(411)["code"], "length_required");
     t.server.shutdown().await;
 }
 

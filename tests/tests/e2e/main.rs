@@ -10,5 +10,7 @@ mod decoder;
 mod embeddings;
 mod faults;
 mod generation;
+mod metrics;
 mod openai_client;
 mod sanitizer;
+mod shutdown;
