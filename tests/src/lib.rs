@@ -289,6 +289,32 @@ impl TestServer {
             .bearer_auth(ADMIN_TOKEN)
     }
 
+    /// Start a greedy chat stream with the inference key; returns the response after its
+    /// first chunk, and that chunk.
+    pub async fn open_stream(&self, prompt: &str, max_tokens: u32) -> (reqwest::Response, String) {
+        let mut response = self
+            .client
+            .post(self.url("/v1/chat/completions"))
+            .bearer_auth(INFERENCE_KEY)
+            .json(&serde_json::json!({
+                "model": TEXT_MODEL,
+                "messages": [{"role": "user", "content": prompt}],
+                "max_tokens": max_tokens,
+                "temperature": 0,
+                "stream": true,
+            }))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(response.status(), 200);
+        let first = response
+            .chunk()
+            .await
+            .expect("chunk")
+            .expect("a first chunk");
+        (response, String::from_utf8(first.to_vec()).expect("UTF-8"))
+    }
+
     /// POST to `/v1/embeddings` with the inference key.
     pub async fn embed(&self, body: serde_json::Value) -> Reply {
         self.post("/v1/embeddings", Some(INFERENCE_KEY), &body)
@@ -298,6 +324,18 @@ impl TestServer {
 
 /// The text model every test server serves.
 pub const TEXT_MODEL: &str = "SmolLM2-135M-Instruct";
+
+/// Read the rest of a stream opened by [`TestServer::open_stream`]; a cut connection fails.
+pub async fn read_rest(mut response: reqwest::Response, mut text: String) -> Events {
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .expect("a clean end, not a cut socket")
+    {
+        text.push_str(std::str::from_utf8(&chunk).expect("UTF-8"));
+    }
+    Events::parse(&text)
+}
 
 /// A server-sent event stream, read whole.
 #[derive(Debug)]

@@ -5,13 +5,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
 use reqwest::Method;
 use serde_json::{Value, json};
 use warden::plugins::{Outcome, Slot};
 use warden_tests::{
-    ADMIN_TOKEN, INFERENCE_KEY, METRICS_KEY, PLUGIN_DIR, TEXT_MODEL, TestServer, admin_config,
-    auth_keys, plugin_sha256, start,
+    ADMIN_TOKEN, INFERENCE_KEY, METRICS_KEY, PLUGIN_DIR, TestServer, admin_config, auth_keys,
+    plugin_sha256, start,
 };
 
 const EXTRA_KEY: &str = "test-extra-key-77d1";
@@ -256,23 +255,9 @@ async fn swaps_under_load_lose_no_request() {
 #[tokio::test]
 async fn a_stream_started_before_a_swap_finishes_after_it() {
     let t = start(admin_config()).await;
-    let response = t
-        .client
-        .post(t.url("/v1/chat/completions"))
-        .bearer_auth(INFERENCE_KEY)
-        .json(&json!({
-            "model": TEXT_MODEL,
-            "messages": [{"role": "user", "content": "Write a long story about a lighthouse."}],
-            "max_tokens": 48,
-            "temperature": 0,
-            "stream": true,
-        }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    let mut body = response.bytes_stream();
-    let mut text = String::from_utf8(body.next().await.unwrap().unwrap().to_vec()).unwrap();
+    let (response, first) = t
+        .open_stream("Write a long story about a lighthouse.", 48)
+        .await;
 
     // Mid-stream: an auth plugin that no longer knows this key, and a new sanitizer.
     let (s, b) = put_file(
@@ -295,17 +280,14 @@ async fn a_stream_started_before_a_swap_finishes_after_it() {
     assert_eq!(s, 200, "{b}");
     assert_eq!(models_status(&t, INFERENCE_KEY).await, 401);
 
-    while let Some(chunk) = body.next().await {
-        text.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
-    }
-    let events = warden_tests::Events::parse(&text);
-    assert!(events.done, "{text}");
+    let events = warden_tests::read_rest(response, first).await;
+    assert!(events.done, "{events:?}");
     assert!(
         events.chunks.iter().all(|c| c.get("error").is_none()),
-        "{text}"
+        "{events:?}"
     );
     let last = events.chunks.last().unwrap();
-    assert_eq!(last["choices"][0]["finish_reason"], "length", "{text}");
+    assert_eq!(last["choices"][0]["finish_reason"], "length", "{events:?}");
     t.server.shutdown().await;
 }
 

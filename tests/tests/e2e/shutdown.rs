@@ -3,48 +3,16 @@
 
 use std::time::{Duration, Instant};
 
-use serde_json::json;
-use warden_tests::{Events, INFERENCE_KEY, TEXT_MODEL, TestServer, config, start};
+use warden_tests::{TestServer, config, read_rest, start};
 
-/// Start a greedy chat stream; returns the response after its first chunk, and that chunk.
-async fn open_stream(t: &TestServer, max_tokens: u32) -> (reqwest::Response, String) {
-    let mut response = t
-        .client
-        .post(t.url("/v1/chat/completions"))
-        .bearer_auth(INFERENCE_KEY)
-        .json(&json!({
-            "model": TEXT_MODEL,
-            "messages": [{"role": "user", "content": "Tell me a very long story about the sea."}],
-            "max_tokens": max_tokens,
-            "temperature": 0,
-            "stream": true,
-        }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    let first = response.chunk().await.unwrap().unwrap();
-    (response, String::from_utf8(first.to_vec()).unwrap())
-}
-
-/// Read the rest of a stream; a cut connection fails the test.
-async fn read_rest(mut response: reqwest::Response, mut text: String) -> Events {
-    while let Some(chunk) = response
-        .chunk()
-        .await
-        .expect("a clean end, not a cut socket")
-    {
-        text.push_str(std::str::from_utf8(&chunk).unwrap());
-    }
-    Events::parse(&text)
-}
+const PROMPT: &str = "Tell me a very long story about the sea.";
 
 #[tokio::test]
 async fn streams_in_flight_finish_and_ready_turns_503_at_once() {
     let mut c = config();
     c.shutdown_delay_ms = 1500;
     let t = start(c).await;
-    let (response, first) = open_stream(&t, 24).await;
+    let (response, first) = t.open_stream(PROMPT, 24).await;
     let TestServer {
         server,
         base,
@@ -79,7 +47,7 @@ async fn a_stream_past_the_grace_period_ends_with_an_error_event() {
     let mut c = config();
     c.shutdown_grace_secs = 1;
     let t = start(c).await;
-    let (response, first) = open_stream(&t, 4000).await;
+    let (response, first) = t.open_stream(PROMPT, 4000).await;
     let started = Instant::now();
     let stopping = tokio::spawn(t.server.shutdown());
     let events = read_rest(response, first).await;
