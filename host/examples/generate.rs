@@ -47,6 +47,7 @@ fn main() {
             .expect("submit");
         while let Some(e) = rx.recv().await {
             match e {
+                GenerateEvent::Started => {}
                 GenerateEvent::Delta(d) => print!("{d}"),
                 other => println!("\n{other:?} in {:?}", t.elapsed()),
             }

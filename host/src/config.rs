@@ -109,6 +109,12 @@ pub struct EngineConfig {
     pub max_batch: usize,
     /// Text sequences the generation thread advances together.
     pub max_sequences: usize,
+    /// A request that cannot start within this many milliseconds gets 503.
+    pub queue_timeout_ms: u64,
+    /// Engine failures in a row that open a model's circuit breaker.
+    pub breaker_failures: u32,
+    /// How long an open breaker refuses requests before it lets a probe through.
+    pub breaker_cooldown_ms: u64,
 }
 
 impl Default for EngineConfig {
@@ -117,6 +123,9 @@ impl Default for EngineConfig {
             queue_capacity: 64,
             max_batch: 32,
             max_sequences: 4,
+            queue_timeout_ms: 30_000,
+            breaker_failures: 5,
+            breaker_cooldown_ms: 10_000,
         }
     }
 }
@@ -288,9 +297,12 @@ impl Config {
         if self.engine.queue_capacity == 0
             || self.engine.max_batch == 0
             || self.engine.max_sequences == 0
+            || self.engine.queue_timeout_ms == 0
+            || self.engine.breaker_failures == 0
         {
             return Err(ConfigError::Invalid(
-                "engine.queue_capacity, engine.max_batch and engine.max_sequences must be positive"
+                "engine.queue_capacity, engine.max_batch, engine.max_sequences, \
+                 engine.queue_timeout_ms and engine.breaker_failures must be positive"
                     .into(),
             ));
         }
@@ -423,6 +435,15 @@ pub struct ServeArgs {
     /// Text sequences generated together [default: 4].
     #[arg(long, env = "WARDEN_MAX_SEQUENCES")]
     pub max_sequences: Option<usize>,
+    /// Milliseconds a request may wait for the engine before it gets 503 [default: 30000].
+    #[arg(long, env = "WARDEN_QUEUE_TIMEOUT_MS")]
+    pub queue_timeout_ms: Option<u64>,
+    /// Engine failures in a row that open a model's circuit breaker [default: 5].
+    #[arg(long, env = "WARDEN_BREAKER_FAILURES")]
+    pub breaker_failures: Option<u32>,
+    /// Milliseconds an open circuit breaker refuses requests [default: 10000].
+    #[arg(long, env = "WARDEN_BREAKER_COOLDOWN_MS")]
+    pub breaker_cooldown_ms: Option<u64>,
     /// Admin API listen address [default: 127.0.0.1:8081].
     #[arg(long, env = "WARDEN_ADMIN_LISTEN")]
     pub admin_listen: Option<SocketAddr>,
@@ -620,6 +641,12 @@ impl ServeArgs {
         if let Some(v) = this.max_sequences {
             config.engine.max_sequences = v;
         }
+        set_some(&mut config.engine.queue_timeout_ms, this.queue_timeout_ms);
+        set_some(&mut config.engine.breaker_failures, this.breaker_failures);
+        set_some(
+            &mut config.engine.breaker_cooldown_ms,
+            this.breaker_cooldown_ms,
+        );
         let secret = |v: Option<String>| v.filter(|k| !k.is_empty()).map(Secret);
         if let Some(v) = secret(this.api_key) {
             config.api_key = Some(v);

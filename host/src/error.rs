@@ -85,6 +85,16 @@ pub enum ApiError {
     /// The server is shutting down and the grace period for requests in flight is over.
     #[error("the server is shutting down; retry on another instance")]
     ShuttingDown,
+    /// The model's circuit breaker is open: it failed repeatedly and is left alone for a
+    /// while.
+    #[error("the model is unavailable after repeated failures; retry in {} s", retry_after.as_secs().max(1))]
+    EngineUnavailable {
+        /// When to retry.
+        retry_after: Duration,
+    },
+    /// The request could not start within the queue timeout.
+    #[error("the server is overloaded: the request could not start in time; retry shortly")]
+    QueueTimeout,
     /// A bug in the host (a task that panicked); logged where it happened.
     #[error("an internal error occurred; the request was not completed")]
     Internal,
@@ -217,6 +227,18 @@ impl ApiError {
                 Some("engine_error"),
                 false,
             ),
+            EngineUnavailable { .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                Some("engine_unavailable"),
+                true,
+            ),
+            QueueTimeout => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                Some("queue_timeout"),
+                true,
+            ),
             ShuttingDown => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "server_error",
@@ -275,10 +297,11 @@ impl Reply for ApiError {
             headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         if retry {
-            headers.insert(
-                header::RETRY_AFTER,
-                HeaderValue::from(RETRY_AFTER.as_secs()),
-            );
+            let after = match &self {
+                ApiError::EngineUnavailable { retry_after } => retry_after.as_secs().max(1),
+                _ => RETRY_AFTER.as_secs(),
+            };
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(after));
         }
         response
     }

@@ -6,6 +6,7 @@
 
 #![deny(missing_docs)]
 
+pub mod breaker;
 pub mod config;
 pub mod engine;
 pub mod error;
@@ -21,6 +22,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
 
+use breaker::Breaker;
 pub use config::Config;
 use engine::{EmbeddingsHandle, GenerateConfig, MiniLm, TextModel, WorkerConfig};
 use metrics::Metrics;
@@ -37,6 +39,7 @@ pub struct Services {
     embeddings: BTreeMap<String, EmbeddingsHandle>,
     text: BTreeMap<String, TextModel>,
     aliases: BTreeMap<String, String>,
+    breakers: BTreeMap<String, Arc<Breaker>>,
     /// Unix time the models were loaded.
     pub loaded_at: u64,
 }
@@ -57,6 +60,18 @@ impl Services {
     /// The text model used when a request names none (`/tokenize`, `/detokenize`).
     pub fn default_text_model(&self) -> Option<&TextModel> {
         self.text.values().next()
+    }
+
+    /// The circuit breaker of the model with this id.
+    pub fn breaker(&self, id: &str) -> Option<&Arc<Breaker>> {
+        self.breakers.get(id)
+    }
+
+    /// Whether some model's breaker is open (refusing requests).
+    pub fn any_breaker_open(&self) -> bool {
+        self.breakers
+            .values()
+            .any(|b| b.state() == breaker::BreakerState::Open)
     }
 
     /// Ids of all served models.
@@ -238,12 +253,14 @@ fn load_plugins(config: &Config, metrics: Arc<Metrics>) -> Result<Registry, Star
 }
 
 fn load_services(config: &Config, metrics: Arc<Metrics>) -> Result<Services, StartError> {
-    let plugins = load_plugins(config, metrics)?;
+    let plugins = load_plugins(config, metrics.clone())?;
     let dir = config.models_dir.join(EMBEDDING_MODEL);
     let model = MiniLm::load(EMBEDDING_MODEL, &dir)?;
+    let queue_timeout = Duration::from_millis(config.engine.queue_timeout_ms);
     let worker = WorkerConfig {
         queue_capacity: config.engine.queue_capacity,
         max_batch: config.engine.max_batch,
+        queue_timeout,
     };
     let handle = EmbeddingsHandle::spawn(EMBEDDING_MODEL, model, worker)
         .map_err(|e| StartError::Other(format!("cannot start the engine thread: {e}")))?;
@@ -260,6 +277,7 @@ fn load_services(config: &Config, metrics: Arc<Metrics>) -> Result<Services, Sta
     let generate = GenerateConfig {
         queue_capacity: config.engine.queue_capacity,
         max_active: config.engine.max_sequences,
+        queue_timeout,
     };
     let text_model = TextModel::load(&text_id, &config.text_model_file(), generate)?;
     tracing::info!(model = %text_id, context = text_model.handle.context_length(), "model loaded");
@@ -274,11 +292,25 @@ fn load_services(config: &Config, metrics: Arc<Metrics>) -> Result<Services, Sta
     let loaded_at = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
+    let cooldown = Duration::from_millis(config.engine.breaker_cooldown_ms);
+    let breakers = text
+        .keys()
+        .chain(embeddings.keys())
+        .map(|id| {
+            let metrics = metrics.clone();
+            let breaker =
+                Breaker::new(id, config.engine.breaker_failures, cooldown, move |m, s| {
+                    metrics.set_breaker_state(m, s)
+                });
+            (id.clone(), breaker)
+        })
+        .collect();
     Ok(Services {
         plugins,
         embeddings,
         text,
         aliases,
+        breakers,
         loaded_at,
     })
 }

@@ -64,6 +64,8 @@ pub struct Metrics {
     prompt_tokens: Family<ModelLabels, Counter>,
     generated_tokens: Family<ModelLabels, Counter>,
     streams_in_flight: Gauge,
+    breaker_state: Family<ModelLabels, Gauge>,
+    queue_timeouts: Family<ModelLabels, Counter>,
     label_sets: Mutex<HashSet<Vec<(String, String)>>>,
 }
 
@@ -158,6 +160,18 @@ impl Metrics {
             "Server-sent event streams open now",
             streams_in_flight.clone(),
         );
+        let breaker_state = Family::<ModelLabels, Gauge>::default();
+        registry.register(
+            "circuit_breaker_state",
+            "Each model's circuit breaker: 0 closed, 1 half-open, 2 open",
+            breaker_state.clone(),
+        );
+        let queue_timeouts = Family::<ModelLabels, Counter>::default();
+        registry.register(
+            "queue_timeouts",
+            "Requests that waited longer than the queue timeout and got 503, by model",
+            queue_timeouts.clone(),
+        );
         Self {
             registry,
             requests,
@@ -172,6 +186,8 @@ impl Metrics {
             prompt_tokens,
             generated_tokens,
             streams_in_flight,
+            breaker_state,
+            queue_timeouts,
             label_sets: Mutex::new(HashSet::new()),
         }
     }
@@ -247,6 +263,24 @@ impl Metrics {
     pub fn stream_opened(self: &Arc<Self>) -> StreamGuard {
         self.streams_in_flight.inc();
         StreamGuard(self.clone())
+    }
+
+    /// Record a circuit breaker's new state.
+    pub fn set_breaker_state(&self, model: &str, state: crate::breaker::BreakerState) {
+        self.breaker_state
+            .get_or_create(&ModelLabels {
+                model: model.to_string(),
+            })
+            .set(state.gauge());
+    }
+
+    /// Count one request that timed out in `model`'s queue.
+    pub fn record_queue_timeout(&self, model: &str) {
+        self.queue_timeouts
+            .get_or_create(&ModelLabels {
+                model: model.to_string(),
+            })
+            .inc();
     }
 
     /// Streams open now.

@@ -15,7 +15,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError, sync_channel};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use candle_transformers::generation::{LogitsProcessor, Sampling};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
@@ -88,6 +88,9 @@ impl FinishReason {
 /// What a sequence reports.
 #[derive(Debug, Clone, PartialEq)]
 pub enum GenerateEvent {
+    /// The engine took the request from its queue; prefill begins. Always the first event
+    /// unless the request timed out in the queue.
+    Started,
     /// More text. Deltas concatenate to the whole answer.
     Delta(String),
     /// The end.
@@ -110,6 +113,9 @@ pub struct GenerateConfig {
     pub queue_capacity: usize,
     /// Sequences advanced together.
     pub max_active: usize,
+    /// A request that waited longer than this for a place fails with
+    /// [`EngineError::QueueTimeout`] instead of starting.
+    pub queue_timeout: Duration,
 }
 
 impl Default for GenerateConfig {
@@ -117,6 +123,7 @@ impl Default for GenerateConfig {
         Self {
             queue_capacity: 64,
             max_active: 4,
+            queue_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -172,6 +179,7 @@ impl GenerateHandle {
             weights,
             tokenizer: tokenizer.clone(),
             max_active: config.max_active.max(1),
+            queue_timeout: config.queue_timeout,
             stats: stats.clone(),
         };
         std::thread::Builder::new()
@@ -242,23 +250,36 @@ struct Engine {
     weights: Arc<Weights>,
     tokenizer: Arc<GgufTokenizer>,
     max_active: usize,
+    queue_timeout: Duration,
     stats: Arc<GenerateStats>,
 }
 
 impl Engine {
+    /// Start `job` unless it waited too long (then it fails with a timeout).
+    fn admit(&self, job: Job, active: &mut Vec<Sequence>) {
+        if job.queued.elapsed() > self.queue_timeout {
+            let _ = job
+                .events
+                .send(GenerateEvent::Failed(EngineError::QueueTimeout));
+            return;
+        }
+        let _ = job.events.send(GenerateEvent::Started);
+        active.push(self.start(job));
+    }
+
     fn run(self, rx: Receiver<Job>) {
         let mut active: Vec<Sequence> = Vec::new();
         loop {
             if active.is_empty() {
                 match rx.recv() {
-                    Ok(job) => active.push(self.start(job)),
+                    Ok(job) => self.admit(job, &mut active),
                     Err(_) => return,
                 }
             }
             self.stats.active.store(active.len(), Ordering::Relaxed);
             while active.len() < self.max_active {
                 match rx.try_recv() {
-                    Ok(job) => active.push(self.start(job)),
+                    Ok(job) => self.admit(job, &mut active),
                     Err(TryRecvError::Empty) => break,
                     Err(TryRecvError::Disconnected) => {
                         if active.is_empty() {

@@ -94,6 +94,9 @@ pub enum EngineError {
     /// The queue is full: try again later.
     #[error("the engine queue is full")]
     QueueFull,
+    /// The request waited longer than the queue timeout before the engine could take it.
+    #[error("the request waited too long for the engine")]
+    QueueTimeout,
     /// The engine thread is gone.
     #[error("the engine is not running")]
     Stopped,

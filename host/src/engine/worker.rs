@@ -2,7 +2,7 @@
 
 use std::panic::AssertUnwindSafe;
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
@@ -15,6 +15,9 @@ pub struct WorkerConfig {
     pub queue_capacity: usize,
     /// Most texts in one forward pass.
     pub max_batch: usize,
+    /// A request that waited longer than this for the engine fails with
+    /// [`EngineError::QueueTimeout`] instead of running.
+    pub queue_timeout: Duration,
 }
 
 impl Default for WorkerConfig {
@@ -22,6 +25,7 @@ impl Default for WorkerConfig {
         Self {
             queue_capacity: 64,
             max_batch: 32,
+            queue_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -56,7 +60,7 @@ impl EmbeddingsHandle {
         let dimensions = model.dimensions();
         std::thread::Builder::new()
             .name(format!("engine-{id}"))
-            .spawn(move || run(model, rx, config.max_batch.max(1)))?;
+            .spawn(move || run(model, rx, config.max_batch.max(1), config.queue_timeout))?;
         Ok(Self {
             id: id.into(),
             dimensions,
@@ -93,7 +97,7 @@ impl EmbeddingsHandle {
 
 /// Take one job, then whatever else is already waiting (up to a few batches' worth), so
 /// concurrent requests share forward passes.
-fn run(mut model: impl Embedder, rx: Receiver<Job>, max_batch: usize) {
+fn run(mut model: impl Embedder, rx: Receiver<Job>, max_batch: usize, queue_timeout: Duration) {
     while let Ok(first) = rx.recv() {
         let mut jobs = vec![first];
         let mut texts: usize = jobs[0].texts.len();
@@ -106,8 +110,16 @@ fn run(mut model: impl Embedder, rx: Receiver<Job>, max_batch: usize) {
                 Err(_) => break,
             }
         }
-        // A client that went away no longer needs its answer.
+        // A client that went away no longer needs its answer; one that waited too long gets
+        // a timeout rather than a late answer.
         jobs.retain(|j| !j.reply.is_closed());
+        let (late, on_time): (Vec<Job>, Vec<Job>) = jobs
+            .into_iter()
+            .partition(|j| j.queued.elapsed() > queue_timeout);
+        for job in late {
+            let _ = job.reply.send(Err(EngineError::QueueTimeout));
+        }
+        let jobs = on_time;
         if jobs.is_empty() {
             continue;
         }
@@ -229,6 +241,7 @@ mod tests {
             WorkerConfig {
                 queue_capacity: 4,
                 max_batch: 2,
+                ..WorkerConfig::default()
             },
         )
         .unwrap();
@@ -248,6 +261,7 @@ mod tests {
             WorkerConfig {
                 queue_capacity: 4,
                 max_batch: 8,
+                ..WorkerConfig::default()
             },
         )
         .unwrap();

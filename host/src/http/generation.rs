@@ -18,11 +18,12 @@ use tracing::Instrument;
 use warp::Reply;
 use warp::reply::Response;
 
-use super::handlers::{Ctx, engine_error, guarded, parse_json, read_body};
+use super::handlers::{Ctx, engine_error, engine_permit, guarded, parse_json, read_body, settle};
 use super::params::{
     ChatRequest, CompletionRequest, DetokenizeRequest, GenParams, Prompt, TokenizeRequest,
 };
 use crate::AppState;
+use crate::breaker::Permit;
 use crate::engine::{
     EngineError, FinishReason, GenerateEvent, GenerateRequest, TemplateMessage, TextModel,
 };
@@ -200,6 +201,12 @@ struct Generation {
     started: Instant,
     /// When its first token arrived.
     first_token: Option<Instant>,
+    /// The circuit breaker's leave, settled when the generation ends.
+    permit: Option<Permit>,
+    /// Whether the engine took the request from its queue.
+    admitted: bool,
+    /// How long the request may wait in the queue.
+    queue_timeout: std::time::Duration,
 }
 
 /// One step of a generation, after the output filter.
@@ -221,7 +228,32 @@ impl Generation {
     }
 
     async fn next(&mut self) -> Result<Step, ApiError> {
-        match self.events.recv().await {
+        loop {
+            let event = if self.admitted {
+                self.events.recv().await
+            } else {
+                // Until the engine takes the request, the wait is bounded by the queue timeout.
+                let left = self.queue_timeout.saturating_sub(self.started.elapsed());
+                match tokio::time::timeout(left, self.events.recv()).await {
+                    Ok(event) => event,
+                    Err(_) => {
+                        // Neither a success nor a failure of the model.
+                        drop(self.permit.take());
+                        return Err(self.failed(EngineError::QueueTimeout));
+                    }
+                }
+            };
+            if let Some(GenerateEvent::Started) = event {
+                self.admitted = true;
+                continue;
+            }
+            return self.step(event).await;
+        }
+    }
+
+    async fn step(&mut self, event: Option<GenerateEvent>) -> Result<Step, ApiError> {
+        match event {
+            Some(GenerateEvent::Started) => Ok(Step::Text(String::new())),
             Some(GenerateEvent::Delta(text)) => {
                 if self.first_token.is_none() {
                     let now = Instant::now();
@@ -237,6 +269,9 @@ impl Generation {
                 prompt_tokens,
                 completion_tokens,
             }) => {
+                if let Some(p) = self.permit.take() {
+                    p.succeeded();
+                }
                 self.metrics.record_generation(
                     &self.model,
                     prompt_tokens,
@@ -251,8 +286,15 @@ impl Generation {
                     completion_tokens,
                 })
             }
-            Some(GenerateEvent::Failed(e)) => Err(self.failed(e)),
-            None => Err(self.failed(EngineError::Stopped)),
+            Some(GenerateEvent::Failed(e)) => {
+                settle(self.permit.take(), Err(&e));
+                Err(self.failed(e))
+            }
+            None => {
+                let e = EngineError::Stopped;
+                settle(self.permit.take(), Err(&e));
+                Err(self.failed(e))
+            }
         }
     }
 }
@@ -439,16 +481,18 @@ async fn run(
         });
     }
 
-    let events = model
-        .handle
-        .submit(GenerateRequest {
-            prompt,
-            max_tokens,
-            sampling: params.sampling,
-            stop: params.stop,
-            span: tracing::Span::current(),
-        })
-        .map_err(|e| failed(ctx, model, e))?;
+    let mut permit = engine_permit(&ctx.state, &model.id)?;
+    let events = model.handle.submit(GenerateRequest {
+        prompt,
+        max_tokens,
+        sampling: params.sampling,
+        stop: params.stop,
+        span: tracing::Span::current(),
+    });
+    if let Err(e) = &events {
+        settle(permit.take(), Err(e));
+    }
+    let events = events.map_err(|e| failed(ctx, model, e))?;
     let filter = session.output_filter(api.kind()).await?;
     let mut generation = Generation {
         events,
@@ -459,6 +503,9 @@ async fn run(
         metrics: ctx.state.metrics.clone(),
         started: Instant::now(),
         first_token: None,
+        permit,
+        admitted: false,
+        queue_timeout: std::time::Duration::from_millis(ctx.state.config.engine.queue_timeout_ms),
     };
     let shape = Shape::new(api, &model.id);
     let phase = ctx.state.phase_watch();

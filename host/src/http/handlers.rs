@@ -17,6 +17,7 @@ use super::types::{
     ModelCard, ModelList, Vector, base64_vector,
 };
 use crate::AppState;
+use crate::breaker::Permit;
 use crate::engine::EngineError;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
@@ -209,11 +210,37 @@ pub(super) fn engine_error(
 ) -> ApiError {
     match e {
         EngineError::QueueFull => ApiError::Busy,
+        EngineError::QueueTimeout => {
+            tracing::warn!(request_id, model, "request timed out in the engine queue");
+            metrics.record_queue_timeout(model);
+            ApiError::QueueTimeout
+        }
         e => {
             tracing::error!(request_id, model, error = %e, "engine error");
             metrics.record_engine_error(model);
             ApiError::Engine
         }
+    }
+}
+
+/// Leave from `model`'s circuit breaker to call its engine, or 503 at once.
+pub(super) fn engine_permit(state: &AppState, model: &str) -> Result<Option<Permit>, ApiError> {
+    let Some(breaker) = state.services().and_then(|s| s.breaker(model)) else {
+        return Ok(None);
+    };
+    breaker
+        .admit()
+        .map(Some)
+        .map_err(|retry_after| ApiError::EngineUnavailable { retry_after })
+}
+
+/// Tell the breaker how the engine did: only the model's own failures count against it.
+pub(super) fn settle(permit: Option<Permit>, result: Result<(), &EngineError>) {
+    let Some(permit) = permit else { return };
+    match result {
+        Ok(_) => permit.succeeded(),
+        Err(EngineError::Model(_) | EngineError::Stopped) => permit.failed(),
+        Err(EngineError::QueueFull | EngineError::QueueTimeout) => drop(permit),
     }
 }
 
@@ -257,13 +284,15 @@ where
             .instrument(tracing::debug_span!("plugin.sanitizer"))
             .await?;
 
+            let permit = engine_permit(&ctx.state, model.id())?;
             let embeddings = model
                 .embed(texts)
                 .instrument(tracing::debug_span!("engine.embed"))
-                .await
-                .map_err(|e| {
-                    engine_error(e, &ctx.meta.request_id, model.id(), &ctx.state.metrics)
-                })?;
+                .await;
+            settle(permit, embeddings.as_ref().map(|_| ()));
+            let embeddings = embeddings.map_err(|e| {
+                engine_error(e, &ctx.meta.request_id, model.id(), &ctx.state.metrics)
+            })?;
             let prompt_tokens = embeddings.iter().map(|e| e.tokens).sum();
             let data = embeddings
                 .into_iter()
@@ -339,6 +368,9 @@ pub fn health() -> Response {
 /// `GET /ready`: 200 once models and plugins are loaded, 503 before.
 pub fn ready(state: Arc<AppState>) -> Response {
     let (status, text) = match (state.phase(), state.services()) {
+        (crate::Phase::Serving, Some(s)) if s.any_breaker_open() => {
+            (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+        }
         (crate::Phase::Serving, Some(_)) => (StatusCode::OK, "ready"),
         (crate::Phase::Serving, None) => (StatusCode::SERVICE_UNAVAILABLE, "loading"),
         _ => (StatusCode::SERVICE_UNAVAILABLE, "draining"),

@@ -12,5 +12,6 @@ mod faults;
 mod generation;
 mod metrics;
 mod openai_client;
+mod resilience;
 mod sanitizer;
 mod shutdown;
