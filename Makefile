@@ -14,7 +14,7 @@ OPENAI_VERSION := 2.54.0
 MINILM := $(MODELS_DIR)/all-MiniLM-L6-v2/model.safetensors
 SMOLLM := $(MODELS_DIR)/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: run build plugins models wasm-target venv bench-venv bench bench-swap lint test fmt clean
+.PHONY: run build plugins models wasm-target venv bench-venv bench bench-swap promtool monitoring lint test fmt clean
 
 ## Serve on $WARDEN_LISTEN (default 127.0.0.1:8080); honours every WARDEN_* variable.
 run: wasm-target models plugins build
@@ -91,8 +91,21 @@ lint:
 fmt:
 	$(CARGO) fmt --all
 
+## promtool, for the metrics and alert-rule checks (Debian package prometheus).
+promtool:
+	@command -v promtool >/dev/null || { \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y --no-install-recommends prometheus \
+		|| { $$SUDO apt-get update && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y --no-install-recommends prometheus; }; }
+	@command -v promtool >/dev/null || { echo "promtool is required (Debian package prometheus)"; exit 1; }
+
+## The alert rules and the dashboard parse.
+monitoring: promtool
+	promtool check rules docs/monitoring/alerts.yml
+	$(PYTHON) -m json.tool docs/monitoring/grafana-dashboard.json >/dev/null
+
 ## Everything: lints, unit tests, plugin tests, end-to-end tests with real models.
-test: wasm-target models venv lint
+test: wasm-target models venv promtool monitoring lint
 	WARDEN_TEST_PYTHON=$(CURDIR)/.venv/bin/python WARDEN_MODELS_DIR=$(CURDIR)/$(MODELS_DIR) \
 		$(CARGO) test --workspace --locked
 

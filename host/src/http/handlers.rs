@@ -343,7 +343,7 @@ pub async fn models(state: Arc<AppState>, meta: RequestMeta) -> Response {
     .await
 }
 
-/// `GET /v1/metrics`: the Prometheus text exposition, limited to the series the metrics
+/// `GET /v1/metrics`: the metrics exposition, limited to the series the metrics
 /// policy lets this caller see. Needs scope `metrics`.
 pub async fn metrics(state: Arc<AppState>, meta: RequestMeta) -> Response {
     guarded(state, meta, "/v1/metrics", "metrics", |ctx| async move {
@@ -352,10 +352,19 @@ pub async fn metrics(state: Arc<AppState>, meta: RequestMeta) -> Response {
             .visible_series(&ctx.principal, &ctx.meta.request_id)
             .await;
         let text = ctx.state.metrics.encode_visible(&visibility);
-        Ok(
-            warp::reply::with_header(text, "content-type", crate::metrics::CONTENT_TYPE)
-                .into_response(),
-        )
+        // OpenMetrics for scrapers that ask for it (Prometheus does), text 0.0.4 otherwise.
+        let openmetrics = ctx.meta.headers.iter().any(|(name, value)| {
+            name == "accept" && value.contains("application/openmetrics-text")
+        });
+        let (text, media) = if openmetrics {
+            (text, crate::metrics::OPENMETRICS)
+        } else {
+            (
+                crate::metrics::to_prometheus_text(&text),
+                crate::metrics::PROMETHEUS_TEXT,
+            )
+        };
+        Ok(warp::reply::with_header(text, "content-type", media).into_response())
     })
     .await
 }
