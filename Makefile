@@ -14,7 +14,7 @@ OPENAI_VERSION := 2.54.0
 MINILM := $(MODELS_DIR)/all-MiniLM-L6-v2/model.safetensors
 SMOLLM := $(MODELS_DIR)/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: run build plugins models wasm-target venv bench-venv bench bench-swap promtool monitoring lint test fmt clean
+.PHONY: run build plugins models wasm-target venv bench-venv bench bench-swap soak promtool monitoring lint test fmt clean
 
 ## Serve on $WARDEN_LISTEN (default 127.0.0.1:8080); honours every WARDEN_* variable.
 run: wasm-target models plugins build
@@ -83,6 +83,11 @@ bench-swap: plugins
 	@rm -rf target/bench-swap-cache
 	./target/release/examples/bench_swap $(PLUGIN_DIR) target/bench-swap-cache
 	./target/release/examples/bench_swap $(PLUGIN_DIR) target/bench-swap-cache
+
+## 100,000 requests through the whole path; memory and the metrics size must stay flat.
+soak: models plugins
+	$(CARGO) build --release --locked -p warden --example soak
+	./target/release/examples/soak $(MODELS_DIR) $(PLUGIN_DIR) 100000 16
 
 lint:
 	$(CARGO) fmt --all --check

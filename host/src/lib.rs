@@ -261,6 +261,7 @@ fn load_services(config: &Config, metrics: Arc<Metrics>) -> Result<Services, Sta
         queue_capacity: config.engine.queue_capacity,
         max_batch: config.engine.max_batch,
         queue_timeout,
+        observer: metrics.clone(),
     };
     let handle = EmbeddingsHandle::spawn(EMBEDDING_MODEL, model, worker)
         .map_err(|e| StartError::Other(format!("cannot start the engine thread: {e}")))?;
@@ -278,6 +279,7 @@ fn load_services(config: &Config, metrics: Arc<Metrics>) -> Result<Services, Sta
         queue_capacity: config.engine.queue_capacity,
         max_active: config.engine.max_sequences,
         queue_timeout,
+        observer: metrics.clone(),
     };
     let text_model = TextModel::load(&text_id, &config.text_model_file(), generate)?;
     tracing::info!(model = %text_id, context = text_model.handle.context_length(), "model loaded");

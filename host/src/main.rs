@@ -18,6 +18,9 @@ struct Cli {
     /// Log as JSON lines.
     #[arg(long, env = "WARDEN_LOG_JSON", global = true)]
     log_json: bool,
+    /// Log filter, e.g. `info` or `warn,warden=debug` [default: RUST_LOG, else info].
+    #[arg(long, env = "WARDEN_LOG", global = true)]
+    log_level: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -70,7 +73,13 @@ fn parse_slot(s: &str) -> Result<Slot, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = match &cli.log_level {
+        Some(level) => EnvFilter::try_new(level).unwrap_or_else(|e| {
+            eprintln!("error: --log-level: {e}");
+            std::process::exit(2)
+        }),
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

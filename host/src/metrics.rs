@@ -66,6 +66,8 @@ pub struct Metrics {
     generated_tokens: Family<ModelLabels, Counter>,
     streams_in_flight: Gauge,
     breaker_state: Family<ModelLabels, Gauge>,
+    queue_depth: Family<ModelLabels, Gauge>,
+    queue_wait: Family<ModelLabels, Histogram>,
     queue_timeouts: Family<ModelLabels, Counter>,
     label_sets: Mutex<HashSet<Vec<(String, String)>>>,
 }
@@ -194,6 +196,23 @@ impl Metrics {
             "Each model's circuit breaker: 0 closed, 1 half-open, 2 open",
             breaker_state.clone(),
         );
+        let queue_depth = Family::<ModelLabels, Gauge>::default();
+        register(
+            &mut registry,
+            &mut families,
+            "queue_depth",
+            "Requests waiting for each model's engine",
+            queue_depth.clone(),
+        );
+        let queue_wait =
+            Family::<ModelLabels, Histogram>::new_with_constructor(|| seconds(0.0001, 32));
+        register(
+            &mut registry,
+            &mut families,
+            "queue_wait_seconds",
+            "How long requests waited before the engine took them, by model",
+            queue_wait.clone(),
+        );
         let queue_timeouts = Family::<ModelLabels, Counter>::default();
         register(
             &mut registry,
@@ -218,6 +237,8 @@ impl Metrics {
             generated_tokens,
             streams_in_flight,
             breaker_state,
+            queue_depth,
+            queue_wait,
             queue_timeouts,
             label_sets: Mutex::new(HashSet::new()),
         }
@@ -414,6 +435,24 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
         text
+    }
+}
+
+impl crate::engine::QueueObserver for Metrics {
+    fn depth(&self, model: &str, delta: i64) {
+        self.queue_depth
+            .get_or_create(&ModelLabels {
+                model: model.to_string(),
+            })
+            .inc_by(delta);
+    }
+
+    fn waited(&self, model: &str, wait: Duration) {
+        self.queue_wait
+            .get_or_create(&ModelLabels {
+                model: model.to_string(),
+            })
+            .observe(wait.as_secs_f64());
     }
 }
 

@@ -296,6 +296,15 @@ async fn serve_reloads_on_sighup_and_stops_cleanly_on_sigterm() {
     for secret in [API_KEY, ADMIN_TOKEN] {
         assert!(!log.contains(secret), "a secret in the log");
     }
+    // File names only: never the absolute path of the models, the plugins or the config.
+    for dir in [models_dir(), plugins.clone(), dir.path().to_path_buf()] {
+        let dir = dir.display().to_string();
+        assert!(!log.contains(&dir), "{dir} in the log: {log}");
+    }
+    // No request or response body either: the prompts sent above never appear.
+    for text in ["text 0", "Count from one to twenty"] {
+        assert!(!log.contains(text), "a body in the log");
+    }
     // The compiled plugins were cached for the next start.
     let cached = std::fs::read_dir(dir.path().join("cache")).unwrap().count();
     assert_eq!(cached, 3);

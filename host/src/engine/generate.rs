@@ -20,9 +20,9 @@ use std::time::{Duration, Instant};
 use candle_transformers::generation::{LogitsProcessor, Sampling};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
-use super::EngineError;
 use super::gguf_tokenizer::GgufTokenizer;
 use super::llama::{KvCache, Weights};
+use super::{EngineError, QueueObserver, Unobserved};
 
 /// How to pick the next token.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -107,7 +107,7 @@ pub enum GenerateEvent {
 }
 
 /// Settings of the generation thread.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct GenerateConfig {
     /// Requests that may wait for a place; more are refused.
     pub queue_capacity: usize,
@@ -116,6 +116,8 @@ pub struct GenerateConfig {
     /// A request that waited longer than this for a place fails with
     /// [`EngineError::QueueTimeout`] instead of starting.
     pub queue_timeout: Duration,
+    /// Hears about the queue.
+    pub observer: Arc<dyn QueueObserver>,
 }
 
 impl Default for GenerateConfig {
@@ -124,6 +126,7 @@ impl Default for GenerateConfig {
             queue_capacity: 64,
             max_active: 4,
             queue_timeout: Duration::from_secs(30),
+            observer: Arc::new(Unobserved),
         }
     }
 }
@@ -151,6 +154,8 @@ pub struct GenerateStats {
 #[derive(Clone)]
 pub struct GenerateHandle {
     tx: SyncSender<Job>,
+    name: Arc<str>,
+    observer: Arc<dyn QueueObserver>,
     tokenizer: Arc<GgufTokenizer>,
     context_length: usize,
     stats: Arc<GenerateStats>,
@@ -180,6 +185,8 @@ impl GenerateHandle {
             tokenizer: tokenizer.clone(),
             max_active: config.max_active.max(1),
             queue_timeout: config.queue_timeout,
+            observer: config.observer.clone(),
+            model: name.to_string(),
             stats: stats.clone(),
         };
         std::thread::Builder::new()
@@ -187,6 +194,8 @@ impl GenerateHandle {
             .spawn(move || engine.run(rx))?;
         Ok(Self {
             tx,
+            name: name.into(),
+            observer: config.observer,
             tokenizer,
             context_length,
             stats,
@@ -227,7 +236,10 @@ impl GenerateHandle {
             queued: Instant::now(),
         };
         match self.tx.try_send(job) {
-            Ok(()) => Ok(rx),
+            Ok(()) => {
+                self.observer.depth(&self.name, 1);
+                Ok(rx)
+            }
             Err(TrySendError::Full(_)) => Err(EngineError::QueueFull),
             Err(TrySendError::Disconnected(_)) => Err(EngineError::Stopped),
         }
@@ -251,12 +263,16 @@ struct Engine {
     tokenizer: Arc<GgufTokenizer>,
     max_active: usize,
     queue_timeout: Duration,
+    observer: Arc<dyn QueueObserver>,
+    model: String,
     stats: Arc<GenerateStats>,
 }
 
 impl Engine {
     /// Start `job` unless it waited too long (then it fails with a timeout).
     fn admit(&self, job: Job, active: &mut Vec<Sequence>) {
+        self.observer.depth(&self.model, -1);
+        self.observer.waited(&self.model, job.queued.elapsed());
         if job.queued.elapsed() > self.queue_timeout {
             let _ = job
                 .events

@@ -121,6 +121,24 @@ pub trait Embedder: Send + 'static {
     fn dimensions(&self) -> usize;
 }
 
+/// Hears about a model's queue: the metrics registry implements it. The engine facade
+/// knows nothing of Prometheus.
+pub trait QueueObserver: Send + Sync + std::fmt::Debug + 'static {
+    /// A request entered (`+1`) or left (`-1`) the queue of `model`.
+    fn depth(&self, model: &str, delta: i64);
+    /// A request waited `wait` before the engine took it.
+    fn waited(&self, model: &str, wait: std::time::Duration);
+}
+
+/// A queue observer that hears nothing.
+#[derive(Debug, Default)]
+pub struct Unobserved;
+
+impl QueueObserver for Unobserved {
+    fn depth(&self, _: &str, _: i64) {}
+    fn waited(&self, _: &str, _: std::time::Duration) {}
+}
+
 /// Why a model could not be loaded. Names files by file name only.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelLoadError {

@@ -1,15 +1,16 @@
 //! The engine thread: a bounded queue in, oneshot replies out, batching across requests.
 
 use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-use super::{Embedder, Embedding, EngineError};
+use super::{Embedder, Embedding, EngineError, QueueObserver, Unobserved};
 
 /// Queue and batching settings.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct WorkerConfig {
     /// Requests that may wait; one more is refused with [`EngineError::QueueFull`].
     pub queue_capacity: usize,
@@ -18,6 +19,8 @@ pub struct WorkerConfig {
     /// A request that waited longer than this for the engine fails with
     /// [`EngineError::QueueTimeout`] instead of running.
     pub queue_timeout: Duration,
+    /// Hears about the queue.
+    pub observer: Arc<dyn QueueObserver>,
 }
 
 impl Default for WorkerConfig {
@@ -26,6 +29,7 @@ impl Default for WorkerConfig {
             queue_capacity: 64,
             max_batch: 32,
             queue_timeout: Duration::from_secs(30),
+            observer: Arc::new(Unobserved),
         }
     }
 }
@@ -43,6 +47,7 @@ pub struct EmbeddingsHandle {
     id: std::sync::Arc<str>,
     dimensions: usize,
     tx: SyncSender<Job>,
+    observer: Arc<dyn QueueObserver>,
 }
 
 impl std::fmt::Debug for EmbeddingsHandle {
@@ -58,13 +63,20 @@ impl EmbeddingsHandle {
     pub fn spawn(id: &str, model: impl Embedder, config: WorkerConfig) -> std::io::Result<Self> {
         let (tx, rx) = sync_channel(config.queue_capacity.max(1));
         let dimensions = model.dimensions();
+        let observer = config.observer.clone();
+        let queue = Queue {
+            model: id.to_string(),
+            observer: config.observer.clone(),
+            timeout: config.queue_timeout,
+        };
         std::thread::Builder::new()
             .name(format!("engine-{id}"))
-            .spawn(move || run(model, rx, config.max_batch.max(1), config.queue_timeout))?;
+            .spawn(move || run(model, rx, config.max_batch.max(1), queue))?;
         Ok(Self {
             id: id.into(),
             dimensions,
             tx,
+            observer,
         })
     }
 
@@ -91,13 +103,21 @@ impl EmbeddingsHandle {
             TrySendError::Full(_) => EngineError::QueueFull,
             TrySendError::Disconnected(_) => EngineError::Stopped,
         })?;
+        self.observer.depth(&self.id, 1);
         rx.await.map_err(|_| EngineError::Stopped)?
     }
 }
 
 /// Take one job, then whatever else is already waiting (up to a few batches' worth), so
 /// concurrent requests share forward passes.
-fn run(mut model: impl Embedder, rx: Receiver<Job>, max_batch: usize, queue_timeout: Duration) {
+/// What the engine thread needs to know about its queue.
+struct Queue {
+    model: String,
+    observer: Arc<dyn QueueObserver>,
+    timeout: Duration,
+}
+
+fn run(mut model: impl Embedder, rx: Receiver<Job>, max_batch: usize, queue: Queue) {
     while let Ok(first) = rx.recv() {
         let mut jobs = vec![first];
         let mut texts: usize = jobs[0].texts.len();
@@ -112,10 +132,14 @@ fn run(mut model: impl Embedder, rx: Receiver<Job>, max_batch: usize, queue_time
         }
         // A client that went away no longer needs its answer; one that waited too long gets
         // a timeout rather than a late answer.
+        for job in &jobs {
+            queue.observer.depth(&queue.model, -1);
+            queue.observer.waited(&queue.model, job.queued.elapsed());
+        }
         jobs.retain(|j| !j.reply.is_closed());
         let (late, on_time): (Vec<Job>, Vec<Job>) = jobs
             .into_iter()
-            .partition(|j| j.queued.elapsed() > queue_timeout);
+            .partition(|j| j.queued.elapsed() > queue.timeout);
         for job in late {
             let _ = job.reply.send(Err(EngineError::QueueTimeout));
         }
@@ -283,6 +307,7 @@ mod tests {
             id: "x".into(),
             dimensions: 1,
             tx,
+            observer: Arc::new(Unobserved),
         };
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()

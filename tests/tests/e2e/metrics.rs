@@ -94,6 +94,8 @@ async fn metrics_need_the_scope_and_show_what_the_policy_allows() {
         "warden_plugin_call_duration_seconds_bucket",
         "warden_circuit_breaker_state",
         "warden_streams_in_flight",
+        "warden_queue_depth{",
+        "warden_queue_wait_seconds_bucket{",
     ] {
         assert!(r.text.contains(family), "{family}: {}", r.text);
     }
