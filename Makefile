@@ -14,7 +14,7 @@ OPENAI_VERSION := 2.54.0
 MINILM := $(MODELS_DIR)/all-MiniLM-L6-v2/model.safetensors
 SMOLLM := $(MODELS_DIR)/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: run build plugins models wasm-target venv bench-venv bench bench-swap soak promtool monitoring lint test fmt clean
+.PHONY: run build plugins models wasm-target venv bench-venv bench bench-swap soak coverage promtool monitoring lint test fmt clean
 
 ## Serve on $WARDEN_LISTEN (default 127.0.0.1:8080); honours every WARDEN_* variable.
 run: wasm-target models plugins build
@@ -113,6 +113,16 @@ monitoring: promtool
 test: wasm-target models venv promtool monitoring lint
 	WARDEN_TEST_PYTHON=$(CURDIR)/.venv/bin/python WARDEN_MODELS_DIR=$(CURDIR)/$(MODELS_DIR) \
 		$(CARGO) test --workspace --locked
+
+## Line coverage of host/ over the whole suite (cargo-llvm-cov; installs it if missing).
+COVERAGE_MIN ?= 85
+coverage: wasm-target models venv promtool
+	@command -v cargo-llvm-cov >/dev/null || $(CARGO) install --locked cargo-llvm-cov
+	rustup component add llvm-tools-preview
+	WARDEN_TEST_PYTHON=$(CURDIR)/.venv/bin/python WARDEN_MODELS_DIR=$(CURDIR)/$(MODELS_DIR) \
+		$(CARGO) llvm-cov --workspace --locked \
+		--ignore-filename-regex '(^|/)(plugins|tests)/|/examples/' \
+		--fail-under-lines $(COVERAGE_MIN) --summary-only
 
 clean:
 	$(CARGO) clean

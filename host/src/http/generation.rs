@@ -261,7 +261,11 @@ impl Generation {
                     self.metrics
                         .observe_first_token(&self.model, now - self.started);
                 }
-                let out = self.session.push(self.filter, text).await?;
+                let out = self
+                    .session
+                    .push(self.filter, text)
+                    .instrument(tracing::trace_span!("plugin.sanitizer", call = "push"))
+                    .await?;
                 Ok(Step::Text(out.map_err(ApiError::Refused)?))
             }
             Some(GenerateEvent::Done {
@@ -278,7 +282,11 @@ impl Generation {
                     completion_tokens,
                     self.first_token.map(|t| t.elapsed()),
                 );
-                let rest = self.session.finish(self.filter).await?;
+                let rest = self
+                    .session
+                    .finish(self.filter)
+                    .instrument(tracing::trace_span!("plugin.sanitizer", call = "finish"))
+                    .await?;
                 Ok(Step::Done {
                     rest: rest.map_err(ApiError::Refused)?,
                     reason,

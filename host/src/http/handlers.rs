@@ -88,7 +88,14 @@ where
             status: response.status().as_u16(),
             tenant,
         };
-        match plugins.labels(&summary, &request_id).await {
+        let labels = plugins
+            .labels(&summary, &request_id)
+            .instrument(tracing::debug_span!(
+                "plugin.metrics_policy",
+                call = "labels"
+            ))
+            .await;
+        match labels {
             Ok(labels) => state.metrics.record_request(labels),
             Err(_) if plugins.metrics_failure() == FailurePolicy::Open => {
                 let class = format!("{}xx", summary.status / 100);
@@ -350,6 +357,10 @@ pub async fn metrics(state: Arc<AppState>, meta: RequestMeta) -> Response {
         let visibility = ctx
             .plugins
             .visible_series(&ctx.principal, &ctx.meta.request_id)
+            .instrument(tracing::debug_span!(
+                "plugin.metrics_policy",
+                call = "visible-series"
+            ))
             .await;
         let text = ctx.state.metrics.encode_visible(&visibility);
         // OpenMetrics for scrapers that ask for it (Prometheus does), text 0.0.4 otherwise.
