@@ -74,7 +74,10 @@ fn generated_key(path: &Path) -> Result<String, KeyError> {
     };
     match std::fs::read_to_string(path) {
         Ok(key) if !key.trim().is_empty() => {
-            tracing::info!(file = %path.display(), "using the generated API key kept in this file");
+            tracing::info!(
+                file = %crate::plugins::file_name(path),
+                "using the generated API key kept in this file (setting generated_key_file)"
+            );
             return Ok(key.trim().to_string());
         }
         Ok(_) => return Err(err("file is empty".into())),
@@ -98,9 +101,9 @@ fn generated_key(path: &Path) -> Result<String, KeyError> {
     file.write_all(key.as_bytes())
         .map_err(|e| err(e.kind().to_string()))?;
     tracing::warn!(
-        file = %path.display(),
-        "no API key configured: generated one and wrote it to this file (owner-only); \
-         set WARDEN_API_KEY to choose your own"
+        file = %crate::plugins::file_name(path),
+        "no API key configured: generated one and wrote it to this file (owner-only; \
+         setting generated_key_file); set WARDEN_API_KEY to choose your own"
     );
     Ok(key)
 }

@@ -65,6 +65,7 @@ pub struct Metrics {
     prompt_tokens: Family<ModelLabels, Counter>,
     generated_tokens: Family<ModelLabels, Counter>,
     streams_in_flight: Gauge,
+    stream_duration: Family<ModelLabels, Histogram>,
     breaker_state: Family<ModelLabels, Gauge>,
     queue_depth: Family<ModelLabels, Gauge>,
     queue_wait: Family<ModelLabels, Histogram>,
@@ -188,6 +189,15 @@ impl Metrics {
             "Server-sent event streams open now",
             streams_in_flight.clone(),
         );
+        let stream_duration =
+            Family::<ModelLabels, Histogram>::new_with_constructor(|| seconds(0.01, 30));
+        register(
+            &mut registry,
+            &mut families,
+            "stream_duration_seconds",
+            "Time from a stream's start to its end (finished, failed, or the client left)",
+            stream_duration.clone(),
+        );
         let breaker_state = Family::<ModelLabels, Gauge>::default();
         register(
             &mut registry,
@@ -236,6 +246,7 @@ impl Metrics {
             prompt_tokens,
             generated_tokens,
             streams_in_flight,
+            stream_duration,
             breaker_state,
             queue_depth,
             queue_wait,
@@ -317,10 +328,15 @@ impl Metrics {
         }
     }
 
-    /// A stream opened; the guard closes it when dropped.
-    pub fn stream_opened(self: &Arc<Self>) -> StreamGuard {
+    /// A stream of `model` opened; the guard closes it, and observes its duration, when
+    /// dropped.
+    pub fn stream_opened(self: &Arc<Self>, model: &str) -> StreamGuard {
         self.streams_in_flight.inc();
-        StreamGuard(self.clone())
+        StreamGuard {
+            metrics: self.clone(),
+            model: model.to_string(),
+            opened: std::time::Instant::now(),
+        }
     }
 
     /// Record a circuit breaker's new state.
@@ -503,13 +519,24 @@ fn seconds(start: f64, count: u16) -> Histogram {
     Histogram::new(exponential_buckets(start, 1.5, count))
 }
 
-/// Keeps `warden_streams_in_flight` counted while a stream is open.
+/// Keeps `warden_streams_in_flight` counted while a stream is open, and observes
+/// `warden_stream_duration_seconds` when it closes.
 #[derive(Debug)]
-pub struct StreamGuard(Arc<Metrics>);
+pub struct StreamGuard {
+    metrics: Arc<Metrics>,
+    model: String,
+    opened: std::time::Instant,
+}
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
-        self.0.streams_in_flight.dec();
+        self.metrics.streams_in_flight.dec();
+        self.metrics
+            .stream_duration
+            .get_or_create(&ModelLabels {
+                model: std::mem::take(&mut self.model),
+            })
+            .observe(self.opened.elapsed().as_secs_f64());
     }
 }
 
@@ -633,5 +660,20 @@ mod tests {
         m.fault(&f);
         assert_eq!(m.fault_count("sanitizer", "deadline"), 2);
         assert_eq!(m.fault_count("auth", "deadline"), 0);
+    }
+
+    #[test]
+    fn a_stream_is_counted_while_open_and_timed_when_closed() {
+        let m = Arc::new(Metrics::new());
+        let guard = m.stream_opened("m");
+        assert_eq!(m.streams_in_flight(), 1);
+        assert!(!m.encode().contains("warden_stream_duration_seconds_count"));
+        drop(guard);
+        assert_eq!(m.streams_in_flight(), 0);
+        let text = m.encode();
+        assert!(
+            text.contains("warden_stream_duration_seconds_count{model=\"m\"} 1"),
+            "{text}"
+        );
     }
 }

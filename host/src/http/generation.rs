@@ -559,7 +559,7 @@ fn stream(
         Api::Chat => vec![shape.chunk(Some(""), true, None, include_usage)],
         Api::Completion => Vec::new(),
     };
-    let open = generation.metrics.stream_opened();
+    let open = generation.metrics.stream_opened(&generation.model);
     let state = Some((generation, shape, phase, open));
     let body = futures_util::stream::unfold(state, move |state| {
         let span = span.clone();

@@ -15,3 +15,4 @@ mod openai_client;
 mod resilience;
 mod sanitizer;
 mod shutdown;
+mod spans;
