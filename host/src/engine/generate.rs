@@ -1,12 +1,12 @@
 //! Text generation on a dedicated engine thread.
 //!
 //! Requests wait in a bounded queue ([`GenerateHandle::submit`] refuses at once when it is
-//! full). The thread keeps up to `max_active` sequences in flight and advances them in turn,
-//! one step each (the prompt in one step, then one token per step), so a long answer does
-//! not hold up a short one. Every sequence owns its state ([`Sequence`]: tokens, KV cache,
-//! sampler, text decoder); the weights are shared and read-only, so an answer does not
-//! depend on what runs beside it, and batching several sequences into one forward pass can
-//! come later without changing this interface.
+//! full). The thread keeps up to `max_active` sequences in flight and advances them all
+//! one step per round, so a long answer does not hold up a short one: a new sequence's
+//! prompt runs alone (prefill), and every sequence past its prompt gets its next token from
+//! one batched forward pass (decode), which reads the weights once for all of them. Every
+//! sequence owns its state ([`Sequence`]: tokens, KV cache, sampler, text decoder) and no
+//! operation mixes rows of a batch, so an answer is the same bits whatever runs beside it.
 //!
 //! Each sequence reports on its own unbounded channel: text deltas, then one final event.
 //! A closed channel (the client went away) ends the sequence at its next step.
@@ -256,6 +256,8 @@ struct Sequence {
     pending: Vec<u32>,
     text: TextState,
     span: tracing::Span,
+    /// Its last event was sent.
+    ended: bool,
 }
 
 struct Engine {
@@ -305,7 +307,7 @@ impl Engine {
                     }
                 }
             }
-            active.retain_mut(|seq| self.advance(seq));
+            self.step_all(&mut active);
             self.stats.active.store(active.len(), Ordering::Relaxed);
         }
     }
@@ -334,54 +336,102 @@ impl Engine {
             text: TextState::new(job.request.stop.clone()),
             job,
             span,
+            ended: false,
         }
     }
 
-    /// One step of `seq`. Returns whether it goes on.
-    fn advance(&self, seq: &mut Sequence) -> bool {
+    /// One step of every active sequence; ended ones leave `active`. A sequence with a
+    /// prompt to feed runs alone (prefill); all sequences with one token to feed run in one
+    /// batched forward pass (decode), which reads the weights once for all of them.
+    fn step_all(&self, active: &mut Vec<Sequence>) {
+        active.retain_mut(|seq| self.prepare(seq));
+        let (mut batch, mut alone): (Vec<&mut Sequence>, Vec<&mut Sequence>) =
+            active.iter_mut().partition(|seq| seq.pending.len() == 1);
+        if batch.len() == 1 {
+            alone.append(&mut batch);
+        }
+        for seq in alone {
+            let logits = guarded(|| self.weights.forward(&seq.pending, &mut seq.cache));
+            self.conclude(seq, logits);
+        }
+        if !batch.is_empty() {
+            let tokens: Vec<u32> = batch.iter().map(|seq| seq.pending[0]).collect();
+            let rows = guarded(|| {
+                let mut caches: Vec<&mut KvCache> =
+                    batch.iter_mut().map(|seq| &mut seq.cache).collect();
+                self.weights.forward_batch(&tokens, &mut caches)
+            });
+            match rows {
+                Ok(rows) => {
+                    for (seq, logits) in batch.into_iter().zip(rows) {
+                        self.conclude(seq, Ok(logits));
+                    }
+                }
+                // The pass failed for all of them.
+                Err(e) => {
+                    for seq in batch {
+                        self.conclude(seq, Err(e.clone()));
+                    }
+                }
+            }
+        }
+        active.retain(|seq| !seq.ended);
+    }
+
+    /// Before the model runs: whether `seq` still wants a step. A sequence whose client went
+    /// away, that asks for no tokens, or that meets an injected fault ends here.
+    fn prepare(&self, seq: &mut Sequence) -> bool {
         if seq.job.events.is_closed() {
             tracing::debug!(parent: &seq.span, "client gone; generation stopped");
             self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
             return false;
         }
-        let span = seq.span.clone();
-        let _enter = span.enter();
-        match std::panic::catch_unwind(AssertUnwindSafe(|| self.step(seq))) {
-            Ok(Ok(Some(event))) => {
-                let _ = seq.job.events.send(event);
-                false
-            }
-            Ok(Ok(None)) => true,
-            Ok(Err(e)) => {
-                let _ = seq.job.events.send(GenerateEvent::Failed(e));
-                false
-            }
-            Err(_) => {
-                let e = EngineError::Model("the model panicked".into());
-                let _ = seq.job.events.send(GenerateEvent::Failed(e));
-                false
-            }
-        }
-    }
-
-    /// Feed the pending tokens, sample one, report text. `Some(event)` ends the sequence.
-    fn step(&self, seq: &mut Sequence) -> Result<Option<GenerateEvent>, EngineError> {
         let request = &seq.job.request;
         if request.max_tokens == 0 {
-            return Ok(Some(GenerateEvent::Done {
+            let _ = seq.job.events.send(GenerateEvent::Done {
                 reason: FinishReason::Length,
                 prompt_tokens: request.prompt.len(),
                 completion_tokens: 0,
-            }));
+            });
+            return false;
         }
         let injected =
             self.stats
                 .inject_failures
                 .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
         if injected.is_ok() {
-            return Err(EngineError::Model("injected fault".into()));
+            let e = EngineError::Model("injected fault".into());
+            let _ = seq.job.events.send(GenerateEvent::Failed(e));
+            return false;
         }
-        let mut logits = self.weights.forward(&seq.pending, &mut seq.cache)?;
+        true
+    }
+
+    /// After the model ran: sample from `logits` and report, or report the failure. Marks
+    /// `seq` ended when it is.
+    fn conclude(&self, seq: &mut Sequence, logits: Result<Vec<f32>, EngineError>) {
+        let span = seq.span.clone();
+        let _enter = span.enter();
+        let outcome = logits.and_then(|logits| {
+            std::panic::catch_unwind(AssertUnwindSafe(|| self.sample(seq, logits)))
+                .unwrap_or_else(|_| Err(panicked()))
+        });
+        let end = match outcome {
+            Ok(None) => return,
+            Ok(Some(event)) => event,
+            Err(e) => GenerateEvent::Failed(e),
+        };
+        let _ = seq.job.events.send(end);
+        seq.ended = true;
+    }
+
+    /// Pick the next token from `logits`, report its text. `Some(event)` ends the sequence.
+    fn sample(
+        &self,
+        seq: &mut Sequence,
+        mut logits: Vec<f32>,
+    ) -> Result<Option<GenerateEvent>, EngineError> {
+        let request = &seq.job.request;
         apply_penalties(&mut logits, &seq.generated, &request.sampling);
         let logits_t = candle_core::Tensor::new(logits.as_slice(), &candle_core::Device::Cpu)?;
         let next = seq.sampler.sample(&logits_t)?;
@@ -426,6 +476,19 @@ impl Engine {
             completion_tokens: seq.generated.len(),
         }))
     }
+}
+
+/// Run the model, turning a panic into an error so one sequence's fault cannot stop the
+/// engine thread.
+fn guarded<T>(f: impl FnOnce() -> candle_core::Result<T>) -> Result<T, EngineError> {
+    match std::panic::catch_unwind(AssertUnwindSafe(f)) {
+        Ok(result) => result.map_err(EngineError::from),
+        Err(_) => Err(panicked()),
+    }
+}
+
+fn panicked() -> EngineError {
+    EngineError::Model("the model panicked".into())
 }
 
 /// OpenAI's presence and frequency penalties, over the tokens generated so far.

@@ -225,14 +225,14 @@ impl Weights {
         let sin = self.sin.narrow(0, pos, seq_len)?;
         let mut x = self.embeddings.forward(&input)?;
         for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            let residual = &x;
             let h = layer.attn_norm.forward(&x)?;
-            let h = self.attention(layer, &h, kv, mask.as_ref(), &cos, &sin)?;
-            let x1 = (h + residual)?;
-            let h = layer.ffn_norm.forward(&x1)?;
-            let gate = candle_nn::ops::silu(&layer.gate.forward(&h)?)?;
-            let h = layer.down.forward(&(gate * layer.up.forward(&h)?)?)?;
-            x = (h + x1)?;
+            let (q, k, v) = (
+                layer.wq.forward(&h)?,
+                layer.wk.forward(&h)?,
+                layer.wv.forward(&h)?,
+            );
+            let y = self.attend(&q, &k, &v, kv, mask.as_ref(), &cos, &sin)?;
+            x = self.finish_layer(layer, &y, &x)?;
         }
         cache.len += seq_len;
         let x = self.norm.forward(&x)?;
@@ -241,25 +241,95 @@ impl Weights {
         logits.squeeze(0)?.to_dtype(DType::F32)?.to_vec1()
     }
 
-    fn attention(
+    /// One decoding step of several sequences at once: `tokens[i]` is the next token of the
+    /// sequence whose cache is `caches[i]`; returns each one's logits. The projections and
+    /// the feed-forward run once over all rows, so the weights are read once per step
+    /// instead of once per sequence; attention runs per sequence, over its own cache. Every
+    /// row is computed as [`Weights::forward`] computes it alone (no operation mixes rows),
+    /// so the logits are the same bits.
+    pub fn forward_batch(
         &self,
-        layer: &Layer,
-        x: &Tensor,
+        tokens: &[u32],
+        caches: &mut [&mut KvCache],
+    ) -> Result<Vec<Vec<f32>>> {
+        let n = tokens.len();
+        if n == 0 || caches.len() != n {
+            candle_core::bail!("{n} tokens for {} sequences", caches.len());
+        }
+        if caches
+            .iter()
+            .any(|c| c.len + 1 > self.config.context_length)
+        {
+            candle_core::bail!("the sequence is longer than the context window");
+        }
+        let rope = caches
+            .iter()
+            .map(|c| Ok((self.cos.narrow(0, c.len, 1)?, self.sin.narrow(0, c.len, 1)?)))
+            .collect::<Result<Vec<_>>>()?;
+        let input = Tensor::new(tokens, &self.device)?.unsqueeze(1)?;
+        let mut x = self.embeddings.forward(&input)?;
+        for (l, layer) in self.layers.iter().enumerate() {
+            let h = layer.attn_norm.forward(&x)?;
+            let (q, k, v) = (
+                layer.wq.forward(&h)?,
+                layer.wk.forward(&h)?,
+                layer.wv.forward(&h)?,
+            );
+            let mut ys = Vec::with_capacity(n);
+            for (i, (cache, (cos, sin))) in caches.iter_mut().zip(&rope).enumerate() {
+                let row = |t: &Tensor| t.narrow(0, i, 1);
+                ys.push(self.attend(
+                    &row(&q)?,
+                    &row(&k)?,
+                    &row(&v)?,
+                    &mut cache.layers[l],
+                    None,
+                    cos,
+                    sin,
+                )?);
+            }
+            x = self.finish_layer(layer, &Tensor::cat(&ys, 0)?, &x)?;
+        }
+        for cache in caches.iter_mut() {
+            cache.len += 1;
+        }
+        let x = self.norm.forward(&x)?.squeeze(1)?;
+        self.output.forward(&x)?.to_dtype(DType::F32)?.to_vec2()
+    }
+
+    /// The rest of a layer after attention: the output projection and the residual, then
+    /// the feed-forward block and its residual.
+    fn finish_layer(&self, layer: &Layer, attended: &Tensor, x: &Tensor) -> Result<Tensor> {
+        let x1 = (layer.wo.forward(attended)? + x)?;
+        let h = layer.ffn_norm.forward(&x1)?;
+        let gate = candle_nn::ops::silu(&layer.gate.forward(&h)?)?;
+        let h = layer.down.forward(&(gate * layer.up.forward(&h)?)?)?;
+        h + x1
+    }
+
+    /// Attention of one sequence from its projections (`[1, seq_len, width]` each),
+    /// appending its keys and values to `kv`; the result is ready for the output projection.
+    #[allow(clippy::too_many_arguments)]
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
         kv: &mut Option<(Tensor, Tensor)>,
         mask: Option<&Tensor>,
         cos: &Tensor,
         sin: &Tensor,
     ) -> Result<Tensor> {
         let c = &self.config;
-        let (b, seq_len, _) = x.dims3()?;
-        let heads = |t: Tensor, n: usize| -> Result<Tensor> {
+        let (b, seq_len, _) = q.dims3()?;
+        let heads = |t: &Tensor, n: usize| -> Result<Tensor> {
             t.reshape((b, seq_len, n, c.head_dim))?
                 .transpose(1, 2)?
                 .contiguous()
         };
-        let q = heads(layer.wq.forward(x)?, c.n_head)?;
-        let k = heads(layer.wk.forward(x)?, c.n_kv_head)?;
-        let v = heads(layer.wv.forward(x)?, c.n_kv_head)?;
+        let q = heads(q, c.n_head)?;
+        let k = heads(k, c.n_kv_head)?;
+        let v = heads(v, c.n_kv_head)?;
         // llama uses the interleaved ("normal") RoPE layout in GGUF.
         let q = candle_nn::rotary_emb::rope_i(&q, cos, sin)?;
         let k = candle_nn::rotary_emb::rope_i(&k, cos, sin)?;
@@ -283,10 +353,8 @@ impl Weights {
         };
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         let y = probs.matmul(&v.contiguous()?)?;
-        let y = y
-            .transpose(1, 2)?
-            .reshape((b, seq_len, c.n_head * c.head_dim))?;
-        layer.wo.forward(&y)
+        y.transpose(1, 2)?
+            .reshape((b, seq_len, c.n_head * c.head_dim))
     }
 }
 

@@ -50,3 +50,56 @@ fn logits_are_bit_identical_to_candles_quantized_llama() {
             .unwrap();
     }
 }
+
+/// Sequences decoded together in one batched pass get the same logits, bit for bit, as each
+/// decoded alone, whatever their lengths; and a batch's caches are each sequence's own.
+#[test]
+fn batched_decoding_is_bit_identical_to_decoding_alone() {
+    let path = warden_tests::models_dir().join(warden::config::DEFAULT_TEXT_MODEL);
+    let mut file = std::fs::File::open(&path).unwrap();
+    let content = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
+    let weights = Weights::from_gguf(&content, &mut file, &Device::Cpu).unwrap();
+
+    // Prompts of different lengths, so each row attends over a different cache.
+    let prompts: [&[u32]; 3] = [
+        &[1, 4093, 198, 504, 3575, 282, 4649, 314],
+        &[1, 4093, 198, 19556],
+        &[
+            1, 4093, 198, 504, 3575, 282, 4649, 314, 504, 3575, 282, 4649,
+        ],
+    ];
+    let mut alone: Vec<_> = prompts.iter().map(|_| weights.new_cache()).collect();
+    let mut together: Vec<_> = prompts.iter().map(|_| weights.new_cache()).collect();
+    let mut next: Vec<u32> = Vec::new();
+    for (i, prompt) in prompts.iter().enumerate() {
+        let a = weights.forward(prompt, &mut alone[i]).unwrap();
+        let b = weights.forward(prompt, &mut together[i]).unwrap();
+        assert_eq!(a, b);
+        next.push(argmax(&a));
+    }
+    for step in 0..8 {
+        let expected: Vec<Vec<f32>> = next
+            .iter()
+            .zip(alone.iter_mut())
+            .map(|(&t, cache)| weights.forward(&[t], cache).unwrap())
+            .collect();
+        let mut caches: Vec<_> = together.iter_mut().collect();
+        let got = weights.forward_batch(&next, &mut caches).unwrap();
+        assert_eq!(got.len(), prompts.len());
+        for (row, (g, e)) in got.iter().zip(&expected).enumerate() {
+            assert!(
+                g == e,
+                "row {row} differs from decoding alone at step {step}"
+            );
+        }
+        next = got.iter().map(|l| argmax(l)).collect();
+    }
+    for (a, b) in alone.iter().zip(&together) {
+        assert_eq!(a.len(), b.len());
+    }
+
+    // Mismatched inputs are an error, not a panic.
+    let mut caches: Vec<_> = together.iter_mut().take(2).collect();
+    assert!(weights.forward_batch(&next, &mut caches).is_err());
+    assert!(weights.forward_batch(&[], &mut []).is_err());
+}
