@@ -1,7 +1,9 @@
 //! In-process prefill and decode speed of Warden's llama decoder, measured as
 //! `../shared/BENCHMARKS.md` measures llama.cpp: prefill = one forward pass over N prompt
-//! tokens on an empty cache; decode = 128 single-token steps after a short prompt, greedy.
-//! Prints one JSON object per figure (median of `runs` after a warm-up).
+//! tokens on an empty cache; decode = 128 single-token steps after a short prompt, greedy;
+//! batched decode = the same for 4 and 8 sequences at once, each one batched step per token
+//! (`Weights::forward_batch`, as the engine runs concurrent requests), in aggregate tokens
+//! per second. Prints one JSON object per figure (median of `runs` after a warm-up).
 //!
 //! `cargo run --release --example bench_text -- MODEL.gguf [runs]`
 
@@ -47,22 +49,44 @@ fn main() {
     }
 
     let steps = 128;
-    let mut times = Vec::new();
-    for run in 0..=runs {
-        let mut cache = weights.new_cache();
-        let mut logits = weights.forward(&prompt(16), &mut cache).expect("prompt");
-        let t = Instant::now();
-        for _ in 0..steps {
-            let next = argmax(&logits);
-            logits = weights.forward(&[next], &mut cache).expect("step");
+    for batch in [1usize, 4, 8] {
+        let mut times = Vec::new();
+        for run in 0..=runs {
+            // Different prompts, so the sequences attend over different caches.
+            let mut caches: Vec<_> = (0..batch).map(|_| weights.new_cache()).collect();
+            let mut next: Vec<u32> = caches
+                .iter_mut()
+                .enumerate()
+                .map(|(i, cache)| {
+                    let logits = weights.forward(&prompt(16 + i), cache).expect("prompt");
+                    argmax(&logits)
+                })
+                .collect();
+            let t = Instant::now();
+            for _ in 0..steps {
+                next = if batch == 1 {
+                    vec![argmax(
+                        &weights.forward(&next, &mut caches[0]).expect("step"),
+                    )]
+                } else {
+                    let mut refs: Vec<_> = caches.iter_mut().collect();
+                    let rows = weights.forward_batch(&next, &mut refs).expect("step");
+                    rows.iter().map(|l| argmax(l)).collect()
+                };
+            }
+            if run > 0 {
+                times.push(t.elapsed().as_secs_f64());
+            }
         }
-        if run > 0 {
-            times.push(t.elapsed().as_secs_f64());
-        }
+        let s = median(times);
+        let figure = if batch == 1 {
+            format!("decode_{steps}")
+        } else {
+            format!("decode_{steps}_batch_{batch}")
+        };
+        println!(
+            "{{\"figure\": \"{figure}\", \"tok_per_s\": {:.1}, \"seconds\": {s:.4}}}",
+            (steps * batch) as f64 / s
+        );
     }
-    let s = median(times);
-    println!(
-        "{{\"figure\": \"decode_{steps}\", \"tok_per_s\": {:.1}, \"seconds\": {s:.4}}}",
-        steps as f64 / s
-    );
 }

@@ -161,6 +161,11 @@ def main():
         w = statistics.median(r[fig] for r in ours)
         p = statistics.median(r[fig] for r in peer)
         print(f"| {fig} (tok/s, in-process) | {w:.0f} | {p:.0f} | {w / p:.2f} |")
+    for batch in (4, 8):
+        fig = f"decode_128_batch_{batch}"
+        w = statistics.median(r[fig] for r in ours)
+        p = statistics.median(r["decode_128"] for r in peer)
+        print(f"| {fig} (aggregate tok/s, in-process; peer: one stream) | {w:.0f} | {p:.0f} | {w / p:.2f} |")
     http = http_figures()
     w, p = http["warden"], http["llama.cpp"]
     print(f"| chat, max_tokens 64, one client (ms/request) | {w['chat_64_latency_ms']:.0f} "
