@@ -292,7 +292,11 @@ impl Runtime {
             }
             return Ok(c);
         }
-        let component = match cached.as_deref().and_then(|p| self.load_cached(p)) {
+        let loaded = match (disk, cached.as_deref()) {
+            (Some(disk), Some(path)) if disk.trusted(path) => self.load_cached(path),
+            _ => None,
+        };
+        let component = match loaded {
             Some(c) => c,
             None => {
                 let component = Component::from_binary(&self.engine, bytes)?;
@@ -317,9 +321,11 @@ impl Runtime {
         }
         // SAFETY: wasmtime requires that the file was produced by `Component::serialize`
         // of a compatible engine and not altered since. Warden writes it (atomically, by
-        // rename) into a directory it created and that [`DiskCache::open`] checked is not
-        // writable by group or others; wasmtime checks the header and engine settings and
-        // refuses anything else, which lands here as a recompile.
+        // rename) into a directory it created and that [`DiskCache::open`] checked is its
+        // own and not writable by group or others; [`DiskCache::trusted`] checked that this
+        // file is a regular file of that owner, writable by nobody else. wasmtime checks the
+        // header and engine settings and refuses anything else, which lands here as a
+        // recompile.
         #[allow(unsafe_code)]
         let component = unsafe { Component::deserialize_file(&self.engine, path) };
         match component {
@@ -369,37 +375,81 @@ impl Runtime {
 #[derive(Debug, Clone)]
 pub struct DiskCache {
     dir: PathBuf,
+    /// The user that owns the directory, and must own every file loaded from it: Warden's.
+    #[cfg(unix)]
+    owner: u32,
 }
 
 impl DiskCache {
     /// Use `dir` (created with mode 0700 if missing). Refused if group or others may write
-    /// to it: its files are loaded as machine code.
+    /// to it, or if another user owns it: its files are loaded as machine code.
     pub fn open(dir: &Path) -> Result<Self, String> {
         let name = file_name(dir);
+        let io = |e: std::io::Error| format!("plugin cache directory {name}: {}", e.kind());
         let mut builder = std::fs::DirBuilder::new();
         builder.recursive(true);
         #[cfg(unix)]
         std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
-        builder
-            .create(dir)
-            .map_err(|e| format!("plugin cache directory {name}: {}", e.kind()))?;
+        builder.create(dir).map_err(io)?;
         #[cfg(unix)]
         {
-            use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(dir)
-                .map_err(|e| format!("plugin cache directory {name}: {}", e.kind()))?
-                .permissions()
-                .mode();
-            if mode & 0o022 != 0 {
+            use std::os::unix::fs::MetadataExt;
+            let meta = std::fs::metadata(dir).map_err(io)?;
+            if meta.mode() & 0o022 != 0 {
                 return Err(format!(
                     "plugin cache directory {name} is writable by group or others; \
                      make it 0700 or choose another"
                 ));
             }
+            // A file Warden creates belongs to Warden's user: the directory must too.
+            let probe = dir.join(format!(".owner-{}", std::process::id()));
+            let mine = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&probe)
+                .and_then(|f| f.metadata())
+                .map(|m| m.uid());
+            let _ = std::fs::remove_file(&probe);
+            let mine = mine.map_err(io)?;
+            if meta.uid() != mine {
+                return Err(format!(
+                    "plugin cache directory {name} belongs to another user; choose another"
+                ));
+            }
+            Ok(Self {
+                dir: dir.to_path_buf(),
+                owner: mine,
+            })
         }
+        #[cfg(not(unix))]
         Ok(Self {
             dir: dir.to_path_buf(),
         })
+    }
+
+    /// Whether the file at `path` may be loaded: a regular file (not a link) of the
+    /// directory's owner that group and others cannot write. Anything else is ignored (and
+    /// replaced by a fresh compile), with a warning unless it is simply missing.
+    fn trusted(&self, path: &Path) -> bool {
+        let Ok(meta) = std::fs::symlink_metadata(path) else {
+            return false;
+        };
+        #[cfg(unix)]
+        let foreign = {
+            use std::os::unix::fs::MetadataExt;
+            meta.uid() != self.owner || meta.mode() & 0o022 != 0
+        };
+        #[cfg(not(unix))]
+        let foreign = false;
+        if !meta.file_type().is_file() || foreign {
+            tracing::warn!(
+                file = %file_name(path),
+                "ignoring a compiled plugin in the cache that is not a regular file of \
+                 Warden's user, or that others may change; recompiling"
+            );
+            return false;
+        }
+        true
     }
 
     fn path(&self, engine: &Engine, sha256: &[u8; 32]) -> PathBuf {
@@ -419,7 +469,14 @@ impl DiskCache {
             .map_err(|e| e.to_string())
             .and_then(|bytes| {
                 let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-                std::fs::write(&tmp, bytes)
+                let mut options = std::fs::OpenOptions::new();
+                options.write(true).create(true).truncate(true);
+                // Owner-only whatever the umask: `trusted` refuses files others may change.
+                #[cfg(unix)]
+                std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+                options
+                    .open(&tmp)
+                    .and_then(|mut f| std::io::Write::write_all(&mut f, &bytes))
                     .and_then(|()| std::fs::rename(&tmp, path))
                     .map_err(|e| e.kind().to_string())
             });
@@ -468,4 +525,48 @@ pub(super) fn fault(
     );
     sink.fault(&fault);
     fault
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[cfg(unix)]
+    #[test]
+    fn the_disk_cache_loads_only_its_owners_private_files() {
+        use std::os::unix::fs::PermissionsExt;
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("cache");
+        let cache = DiskCache::open(&dir).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(
+            std::fs::read_dir(&dir).unwrap().count(),
+            0,
+            "probe left behind"
+        );
+
+        let file = dir.join("a.cwasm");
+        std::fs::write(&file, b"x").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(cache.trusted(&file));
+        assert!(!cache.trusted(&dir.join("missing.cwasm")));
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o620)).unwrap();
+        assert!(!cache.trusted(&file), "group-writable");
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let link = dir.join("b.cwasm");
+        std::os::unix::fs::symlink(&file, &link).unwrap();
+        assert!(!cache.trusted(&link), "a link");
+        let stranger = DiskCache {
+            owner: cache.owner.wrapping_add(1),
+            ..cache.clone()
+        };
+        assert!(!stranger.trusted(&file), "another user's file");
+
+        // A directory others may write to is refused.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let err = DiskCache::open(&dir).unwrap_err();
+        assert!(err.contains("writable by group or others"), "{err}");
+        assert!(!err.contains(&root.path().display().to_string()), "{err}");
+    }
 }
