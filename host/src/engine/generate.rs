@@ -511,44 +511,66 @@ fn apply_penalties(logits: &mut [f32], generated: &[u32], s: &SamplingParams) {
 ///
 /// Text is released only when it is complete UTF-8 and cannot be the start of a stop
 /// string; at a stop string, everything before it is released and the rest dropped.
-struct TextState {
+pub struct TextState {
     stop: Vec<String>,
     /// Decoded text of all generated tokens so far (complete characters only).
     text: String,
+    /// Tokens before `prefix` are decoded and out of reach; `prefix..read` were decoded
+    /// last time and give the context the next tokens are decoded in (a token's text may
+    /// depend on the one before it). Each step decodes only from `prefix`, so a long answer
+    /// costs linear, not quadratic, decoding.
+    prefix: usize,
+    read: usize,
     /// Bytes of `text` already released.
     released: usize,
     stopped: bool,
 }
 
-struct Piece {
-    delta: Option<String>,
-    stopped: bool,
+/// What one token released.
+pub struct Piece {
+    /// Text released by this token, if any.
+    pub delta: Option<String>,
+    /// Whether a stop string was reached (the text from it on is never released).
+    pub stopped: bool,
 }
 
 impl TextState {
-    fn new(stop: Vec<String>) -> Self {
+    /// A new answer that ends at the first of `stop` (empty strings are ignored).
+    pub fn new(stop: Vec<String>) -> Self {
         Self {
             stop: stop.into_iter().filter(|s| !s.is_empty()).collect(),
             text: String::new(),
+            prefix: 0,
+            read: 0,
             released: 0,
             stopped: false,
         }
     }
 
-    fn push(
+    /// Take the answer's tokens so far (`generated`, one more than last time, or more if
+    /// the last ones ended inside a character) and release what text is final.
+    pub fn push(
         &mut self,
         tokenizer: &GgufTokenizer,
         generated: &[u32],
     ) -> Result<Piece, super::gguf_tokenizer::TokenizerError> {
-        let decoded = tokenizer.decode(generated)?;
+        let before = tokenizer.decode(&generated[self.prefix..self.read])?;
+        let decoded = tokenizer.decode(&generated[self.prefix..])?;
         // A token may end inside a multi-byte character: wait for the rest.
-        if decoded.ends_with('\u{FFFD}') {
-            return Ok(Piece {
-                delta: None,
-                stopped: false,
-            });
-        }
-        self.text = decoded;
+        // Cut by length, not by comparing text: some decoders render a slice's first token
+        // differently (a leading space), the same way in both decodings.
+        let added = match decoded.get(before.len()..) {
+            Some(added) if !added.is_empty() && !decoded.ends_with('\u{FFFD}') => added,
+            _ => {
+                return Ok(Piece {
+                    delta: None,
+                    stopped: false,
+                });
+            }
+        };
+        self.text.push_str(added);
+        self.prefix = self.read;
+        self.read = generated.len();
         if let Some(at) = self
             .stop
             .iter()
@@ -591,7 +613,7 @@ impl TextState {
     }
 
     /// Release what was held back for a possible stop string.
-    fn flush(&mut self) -> Option<String> {
+    pub fn flush(&mut self) -> Option<String> {
         let rest = self.text.get(self.released..)?.to_string();
         self.released = self.text.len();
         (!rest.is_empty()).then_some(rest)

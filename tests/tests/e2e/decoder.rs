@@ -103,3 +103,45 @@ fn batched_decoding_is_bit_identical_to_decoding_alone() {
     assert!(weights.forward_batch(&next, &mut caches).is_err());
     assert!(weights.forward_batch(&[], &mut []).is_err());
 }
+
+/// The incremental detokenizer releases, token by token, exactly the text of the whole
+/// answer: multi-byte characters split over byte tokens, emoji, digits, spaces and special
+/// tokens; and it stops at a stop string wherever the tokens cut it.
+#[test]
+fn incremental_text_equals_decoding_the_whole_answer() {
+    use warden::engine::{GgufTokenizer, TextState};
+    let path = warden_tests::models_dir().join(warden::config::DEFAULT_TEXT_MODEL);
+    let mut file = std::fs::File::open(&path).unwrap();
+    let content = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
+    let tokenizer = GgufTokenizer::from_gguf(&content).unwrap();
+    let text =
+        "Déjà vu: 東京は晴れ 🌤️🐉 — 12345 + 0.5 = ?\n  indented\t<|im_end|> naïve café 👩‍👩‍👧 done. "
+            .repeat(20);
+    let ids = tokenizer.encode(&text, false, true).unwrap();
+    assert!(ids.len() > 500, "{}", ids.len());
+    assert_eq!(tokenizer.decode(&ids).unwrap(), text);
+
+    let run = |stop: Vec<String>| {
+        let mut state = TextState::new(stop);
+        let mut out = String::new();
+        for n in 1..=ids.len() {
+            let piece = state.push(&tokenizer, &ids[..n]).unwrap();
+            out.push_str(piece.delta.as_deref().unwrap_or(""));
+            if piece.stopped {
+                return (out, true);
+            }
+        }
+        out.push_str(&state.flush().unwrap_or_default());
+        (out, false)
+    };
+    assert_eq!(run(Vec::new()), (text.clone(), false));
+    // Stop strings that start inside multi-byte characters' tokens and span several tokens.
+    for stop in ["晴れ", "🐉 —", "café 👩", "12345 +"] {
+        let at = text.find(stop).unwrap();
+        assert_eq!(
+            run(vec![stop.to_string()]),
+            (text[..at].to_string(), true),
+            "{stop}"
+        );
+    }
+}
