@@ -3,10 +3,11 @@
 //! Requests wait in a bounded queue ([`GenerateHandle::submit`] refuses at once when it is
 //! full). The thread keeps up to `max_active` sequences in flight and advances them all
 //! one step per round, so a long answer does not hold up a short one: a new sequence's
-//! prompt runs alone (prefill), and every sequence past its prompt gets its next token from
-//! one batched forward pass (decode), which reads the weights once for all of them. Every
-//! sequence owns its state ([`Sequence`]: tokens, KV cache, sampler, text decoder) and no
-//! operation mixes rows of a batch, so an answer is the same bits whatever runs beside it.
+//! prompt runs alone, a chunk per round (prefill), and every sequence past its prompt gets
+//! its next token from one batched forward pass (decode), which reads the weights once for
+//! all of them. Every sequence owns its state ([`Sequence`]: tokens, KV cache, sampler, text
+//! decoder) and no operation mixes rows of a batch, so an answer is the same bits whatever
+//! runs beside it.
 //!
 //! Each sequence reports on its own unbounded channel: text deltas, then one final event.
 //! A closed channel (the client went away) ends the sequence at its next step.
@@ -130,6 +131,10 @@ impl Default for GenerateConfig {
         }
     }
 }
+
+/// Most prompt tokens one sequence feeds per round. Prefill runs near full speed at this
+/// size (about 1 s of work on two cores), and other sequences wait at most one chunk.
+pub const PREFILL_CHUNK: usize = 256;
 
 struct Job {
     request: GenerateRequest,
@@ -341,8 +346,9 @@ impl Engine {
     }
 
     /// One step of every active sequence; ended ones leave `active`. A sequence with a
-    /// prompt to feed runs alone (prefill); all sequences with one token to feed run in one
-    /// batched forward pass (decode), which reads the weights once for all of them.
+    /// prompt to feed runs alone (prefill, at most [`PREFILL_CHUNK`] tokens per round); all
+    /// sequences with one token to feed run in one batched forward pass (decode), which
+    /// reads the weights once for all of them.
     fn step_all(&self, active: &mut Vec<Sequence>) {
         active.retain_mut(|seq| self.prepare(seq));
         let (mut batch, mut alone): (Vec<&mut Sequence>, Vec<&mut Sequence>) =
@@ -351,8 +357,16 @@ impl Engine {
             alone.append(&mut batch);
         }
         for seq in alone {
-            let logits = guarded(|| self.weights.forward(&seq.pending, &mut seq.cache));
-            self.conclude(seq, logits);
+            // A long prompt runs a chunk per round, so the other sequences' next tokens wait
+            // for one chunk, not for the whole prompt.
+            let n = seq.pending.len().min(PREFILL_CHUNK);
+            let logits = guarded(|| self.weights.forward(&seq.pending[..n], &mut seq.cache));
+            match logits {
+                Ok(_) if n < seq.pending.len() => {
+                    seq.pending.drain(..n);
+                }
+                logits => self.conclude(seq, logits),
+            }
         }
         if !batch.is_empty() {
             let tokens: Vec<u32> = batch.iter().map(|seq| seq.pending[0]).collect();

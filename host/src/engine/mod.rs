@@ -18,7 +18,7 @@ use std::sync::Arc;
 pub use bert::MiniLm;
 pub use generate::{
     FinishReason, GenerateConfig, GenerateEvent, GenerateHandle, GenerateRequest, GenerateStats,
-    Piece, SamplingParams, TextState,
+    PREFILL_CHUNK, Piece, SamplingParams, TextState,
 };
 pub use gguf_tokenizer::{GgufTokenizer, TokenizerError};
 pub use template::{ChatTemplate, TemplateMessage};

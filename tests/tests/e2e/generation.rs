@@ -1,6 +1,7 @@
 //! Chat and completions on SmolLM2: token ids and greedy tokens against llama.cpp
 //! (`tests/fixtures/llama-reference.json`, made by `tests/python/make_llama_reference.py`),
-//! streaming against whole answers, stop strings, concurrency, queueing and disconnects.
+//! streaming against whole answers, stop strings, concurrency, chunked prefill, queueing and
+//! disconnects.
 
 use std::time::Duration;
 
@@ -417,6 +418,51 @@ async fn concurrent_greedy_answers_equal_answers_alone() {
     }))
     .await;
     assert_eq!(alone, together);
+    t.server.shutdown().await;
+}
+
+/// A prompt longer than two prefill chunks answers as Warden's decoder answers when fed in
+/// chunks of `PREFILL_CHUNK`, and the same while short answers decode beside it. (Greedy
+/// text cannot tell chunks from a whole prefill, whose logits differ only by float noise;
+/// `decoder::chunked_prefill_agrees_with_whole_prefill` bounds that noise. A chunk fed twice
+/// or skipped changes the answer.)
+#[tokio::test]
+async fn a_long_prompt_is_prefilled_in_chunks() {
+    let t = start(config()).await;
+    let text = "Rivers carry water from the mountains to the sea, and towns grow along them. ";
+    let prompt = tokenize(&t, &text.repeat(40), false).await;
+    let chunk = warden::engine::PREFILL_CHUNK;
+    assert!(prompt.len() > 2 * chunk, "{} tokens", prompt.len());
+
+    // The greedy continuation, computed in-process over the same chunks.
+    let path = warden_tests::models_dir().join(warden::config::DEFAULT_TEXT_MODEL);
+    let mut file = std::fs::File::open(&path).unwrap();
+    let content = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
+    let weights =
+        warden::engine::llama::Weights::from_gguf(&content, &mut file, &candle_core::Device::Cpu)
+            .unwrap();
+    let mut cache = weights.new_cache();
+    let ids: Vec<u32> = prompt.iter().map(|&id| id as u32).collect();
+    let mut logits = Vec::new();
+    for part in ids.chunks(chunk) {
+        logits = weights.forward(part, &mut cache).unwrap();
+    }
+    let mut expected = Vec::new();
+    for _ in 0..6 {
+        let next = warden::engine::llama::argmax(&logits);
+        expected.push(u64::from(next));
+        logits = weights.forward(&[next], &mut cache).unwrap();
+    }
+    let expected = detokenize(&t, &expected).await;
+
+    let alone = text_of(&t.complete(json!(prompt), 6).await);
+    assert_eq!(alone, expected);
+    let short = ["The capital of France is", "def fibonacci(n):"];
+    let (long, _) = tokio::join!(
+        async { text_of(&t.complete(json!(prompt), 6).await) },
+        futures_util::future::join_all(short.iter().map(|p| t.complete(json!(p), 24))),
+    );
+    assert_eq!(long, expected);
     t.server.shutdown().await;
 }
 
