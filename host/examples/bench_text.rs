@@ -3,13 +3,17 @@
 //! tokens on an empty cache; decode = 128 single-token steps after a short prompt, greedy;
 //! batched decode = the same for 4 and 8 sequences at once, each one batched step per token
 //! (`Weights::forward_batch`, as the engine runs concurrent requests), in aggregate tokens
-//! per second. Prints one JSON object per figure (median of `runs` after a warm-up).
+//! per second; prefill stall = how long a 2,048-token prompt holds up the other sequences'
+//! next tokens, fed whole and fed in `PREFILL_CHUNK`s as the engine feeds it (the longest
+//! chunk, and the whole prompt's time in chunks). Prints one JSON object per figure (median of
+//! `runs` after a warm-up).
 //!
 //! `cargo run --release --example bench_text -- MODEL.gguf [runs]`
 
 use std::time::Instant;
 
 use candle_core::Device;
+use warden::engine::PREFILL_CHUNK;
 use warden::engine::llama::{Weights, argmax};
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -47,6 +51,41 @@ fn main() {
             n as f64 / s
         );
     }
+
+    let long = prompt(2048);
+    let (mut whole, mut worst, mut total) = (Vec::new(), Vec::new(), Vec::new());
+    for run in 0..=runs {
+        let mut cache = weights.new_cache();
+        let t = Instant::now();
+        weights.forward(&long, &mut cache).expect("forward");
+        let w = t.elapsed().as_secs_f64();
+        let mut cache = weights.new_cache();
+        let mut longest = 0f64;
+        let t = Instant::now();
+        for part in long.chunks(PREFILL_CHUNK) {
+            let c = Instant::now();
+            weights.forward(part, &mut cache).expect("forward");
+            longest = longest.max(c.elapsed().as_secs_f64());
+        }
+        if run > 0 {
+            whole.push(w);
+            worst.push(longest);
+            total.push(t.elapsed().as_secs_f64());
+        }
+    }
+    let n = long.len();
+    println!(
+        "{{\"figure\": \"stall_{n}_whole\", \"seconds\": {:.4}}}",
+        median(whole)
+    );
+    println!(
+        "{{\"figure\": \"stall_{n}_chunked\", \"seconds\": {:.4}, \"chunk\": {PREFILL_CHUNK}}}",
+        median(worst)
+    );
+    println!(
+        "{{\"figure\": \"prefill_{n}_chunked_total\", \"seconds\": {:.4}}}",
+        median(total)
+    );
 
     let steps = 128;
     for batch in [1usize, 4, 8] {

@@ -47,6 +47,14 @@ def llama_figures(llm):
     times = []
     for run in range(RUNS + 1):
         llm.reset()
+        t = time.perf_counter()
+        llm.eval(prompt(2048))  # in batches of n_batch = 512
+        if run:
+            times.append(time.perf_counter() - t)
+    out["prefill_2048_total"] = statistics.median(times)
+    times = []
+    for run in range(RUNS + 1):
+        llm.reset()
         llm.eval(prompt(16))
         t = time.perf_counter()
         for _ in range(128):
@@ -61,7 +69,8 @@ def llama_figures(llm):
 
 def warden_figures():
     res = subprocess.run([BENCH_TEXT, MODEL, str(RUNS)], check=True, capture_output=True, text=True)
-    return {(d := json.loads(line))["figure"]: d["tok_per_s"] for line in res.stdout.splitlines()}
+    figures = [json.loads(line) for line in res.stdout.splitlines()]
+    return {d["figure"]: d.get("tok_per_s", d["seconds"]) for d in figures}
 
 
 def free_port():
@@ -166,6 +175,9 @@ def main():
         w = statistics.median(r[fig] for r in ours)
         p = statistics.median(r["decode_128"] for r in peer)
         print(f"| {fig} (aggregate tok/s, in-process; peer: one stream) | {w:.0f} | {p:.0f} | {w / p:.2f} |")
+    stall = {fig: statistics.median(r[fig] for r in ours)
+             for fig in ("stall_2048_whole", "stall_2048_chunked", "prefill_2048_chunked_total")}
+    peer_2048 = statistics.median(r["prefill_2048_total"] for r in peer)
     http = http_figures()
     w, p = http["warden"], http["llama.cpp"]
     print(f"| chat, max_tokens 64, one client (ms/request) | {w['chat_64_latency_ms']:.0f} "
@@ -173,6 +185,15 @@ def main():
           f"| {p['chat_64_latency_ms'] / w['chat_64_latency_ms']:.2f} (speed) |")
     print(f"| chat, 8 concurrent clients (aggregate tok/s) | {w['chat_8_clients_tok_per_s']:.0f} "
           f"| {p['chat_8_clients_tok_per_s']:.0f} | {w['chat_8_clients_tok_per_s'] / p['chat_8_clients_tok_per_s']:.2f} |")
+
+    print()
+    print("| prefill of a 2,048-token prompt (seconds, in-process) | Warden | llama.cpp | Warden / llama.cpp |")
+    print("|---|---|---|---|")
+    w = stall["prefill_2048_chunked_total"]
+    print(f"| whole prompt (Warden: chunks of 256; llama.cpp: batches of 512) | {w:.2f} "
+          f"| {peer_2048:.2f} | {peer_2048 / w:.2f} (speed) |")
+    print(f"| other streams held up, fed in chunks of 256 (longest chunk) | {stall['stall_2048_chunked']:.2f} | | |")
+    print(f"| other streams held up, prompt fed whole (before chunking) | {stall['stall_2048_whole']:.2f} | | |")
 
 
 if __name__ == "__main__":
