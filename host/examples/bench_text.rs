@@ -3,10 +3,10 @@
 //! tokens on an empty cache; decode = 128 single-token steps after a short prompt, greedy;
 //! batched decode = the same for 4 and 8 sequences at once, each one batched step per token
 //! (`Weights::forward_batch`, as the engine runs concurrent requests), in aggregate tokens
-//! per second; prefill stall = how long a 2,048-token prompt holds up the other sequences'
-//! next tokens, fed whole and fed in `PREFILL_CHUNK`s as the engine feeds it (the longest
-//! chunk, and the whole prompt's time in chunks). Prints one JSON object per figure (median of
-//! `runs` after a warm-up).
+//! per second; a 2,048-token prompt fed whole (how long it held up the other sequences'
+//! next tokens before chunked prefill) and in `PREFILL_CHUNK`s as the engine feeds it (the
+//! whole prompt's time, and its longest chunk: the stall the other sequences now see).
+//! Prints one JSON object per figure (median of `runs` after a warm-up).
 //!
 //! `cargo run --release --example bench_text -- MODEL.gguf [runs]`
 
@@ -19,6 +19,17 @@ use warden::engine::llama::{Weights, argmax};
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
+}
+
+/// One figure as a JSON line: its seconds, and tokens per second if it processed `tokens`.
+fn report(figure: &str, seconds: f64, tokens: Option<usize>) {
+    match tokens {
+        Some(n) => println!(
+            "{{\"figure\": \"{figure}\", \"tok_per_s\": {:.1}, \"seconds\": {seconds:.4}}}",
+            n as f64 / seconds
+        ),
+        None => println!("{{\"figure\": \"{figure}\", \"seconds\": {seconds:.4}}}"),
+    }
 }
 
 /// Deterministic prompt tokens (ordinary word tokens, no specials).
@@ -34,7 +45,7 @@ fn main() {
     let content = candle_core::quantized::gguf_file::Content::read(&mut file).expect("gguf");
     let weights = Weights::from_gguf(&content, &mut file, &Device::Cpu).expect("weights");
 
-    for n in [64usize, 512] {
+    for n in [64usize, 512, 2048] {
         let tokens = prompt(n);
         let mut times = Vec::new();
         for run in 0..=runs {
@@ -45,47 +56,30 @@ fn main() {
                 times.push(t.elapsed().as_secs_f64());
             }
         }
-        let s = median(times);
-        println!(
-            "{{\"figure\": \"prefill_{n}\", \"tok_per_s\": {:.1}, \"seconds\": {s:.4}}}",
-            n as f64 / s
-        );
+        report(&format!("prefill_{n}"), median(times), Some(n));
     }
 
+    // The same long prompt as the engine feeds it: one chunk per round, each chunk a stall
+    // for the other sequences.
     let long = prompt(2048);
-    let (mut whole, mut worst, mut total) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut longest, mut total) = (Vec::new(), Vec::new());
     for run in 0..=runs {
         let mut cache = weights.new_cache();
-        let t = Instant::now();
-        weights.forward(&long, &mut cache).expect("forward");
-        let w = t.elapsed().as_secs_f64();
-        let mut cache = weights.new_cache();
-        let mut longest = 0f64;
+        let mut worst = 0f64;
         let t = Instant::now();
         for part in long.chunks(PREFILL_CHUNK) {
             let c = Instant::now();
             weights.forward(part, &mut cache).expect("forward");
-            longest = longest.max(c.elapsed().as_secs_f64());
+            worst = worst.max(c.elapsed().as_secs_f64());
         }
         if run > 0 {
-            whole.push(w);
-            worst.push(longest);
+            longest.push(worst);
             total.push(t.elapsed().as_secs_f64());
         }
     }
     let n = long.len();
-    println!(
-        "{{\"figure\": \"stall_{n}_whole\", \"seconds\": {:.4}}}",
-        median(whole)
-    );
-    println!(
-        "{{\"figure\": \"stall_{n}_chunked\", \"seconds\": {:.4}, \"chunk\": {PREFILL_CHUNK}}}",
-        median(worst)
-    );
-    println!(
-        "{{\"figure\": \"prefill_{n}_chunked_total\", \"seconds\": {:.4}}}",
-        median(total)
-    );
+    report(&format!("prefill_{n}_chunked"), median(total), Some(n));
+    report(&format!("prefill_{n}_longest_chunk"), median(longest), None);
 
     let steps = 128;
     for batch in [1usize, 4, 8] {
@@ -117,15 +111,11 @@ fn main() {
                 times.push(t.elapsed().as_secs_f64());
             }
         }
-        let s = median(times);
         let figure = if batch == 1 {
             format!("decode_{steps}")
         } else {
             format!("decode_{steps}_batch_{batch}")
         };
-        println!(
-            "{{\"figure\": \"{figure}\", \"tok_per_s\": {:.1}, \"seconds\": {s:.4}}}",
-            (steps * batch) as f64 / s
-        );
+        report(&figure, median(times), Some(steps * batch));
     }
 }

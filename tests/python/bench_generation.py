@@ -35,7 +35,7 @@ def prompt(n):
 
 def llama_figures(llm):
     out = {}
-    for n in (64, 512):
+    for n in (64, 512, 2048):  # 2048 in batches of n_batch = 512
         times = []
         for run in range(RUNS + 1):
             llm.reset()
@@ -43,15 +43,7 @@ def llama_figures(llm):
             llm.eval(prompt(n))
             if run:
                 times.append(time.perf_counter() - t)
-        out[f"prefill_{n}"] = n / statistics.median(times)
-    times = []
-    for run in range(RUNS + 1):
-        llm.reset()
-        t = time.perf_counter()
-        llm.eval(prompt(2048))  # in batches of n_batch = 512
-        if run:
-            times.append(time.perf_counter() - t)
-    out["prefill_2048_total"] = statistics.median(times)
+        out[f"prefill_{n}"] = statistics.median(times)
     times = []
     for run in range(RUNS + 1):
         llm.reset()
@@ -63,14 +55,13 @@ def llama_figures(llm):
             llm.eval([int(np.argmax(logits))])
         if run:
             times.append(time.perf_counter() - t)
-    out["decode_128"] = 128 / statistics.median(times)
+    out["decode_128"] = statistics.median(times)
     return out
 
 
 def warden_figures():
     res = subprocess.run([BENCH_TEXT, MODEL, str(RUNS)], check=True, capture_output=True, text=True)
-    figures = [json.loads(line) for line in res.stdout.splitlines()]
-    return {d["figure"]: d.get("tok_per_s", d["seconds"]) for d in figures}
+    return {(d := json.loads(line))["figure"]: d["seconds"] for line in res.stdout.splitlines()}
 
 
 def free_port():
@@ -164,20 +155,19 @@ def main():
         peer.append(llama_figures(llm))
         ours.append(warden_figures())
     del llm
+
+    def median(runs, fig):
+        return statistics.median(r[fig] for r in runs)
+
     print("| figure | Warden | llama.cpp | Warden / llama.cpp |")
     print("|---|---|---|---|")
-    for fig in ("prefill_64", "prefill_512", "decode_128"):
-        w = statistics.median(r[fig] for r in ours)
-        p = statistics.median(r[fig] for r in peer)
+    for fig, tokens in (("prefill_64", 64), ("prefill_512", 512), ("decode_128", 128)):
+        w, p = tokens / median(ours, fig), tokens / median(peer, fig)
         print(f"| {fig} (tok/s, in-process) | {w:.0f} | {p:.0f} | {w / p:.2f} |")
     for batch in (4, 8):
         fig = f"decode_128_batch_{batch}"
-        w = statistics.median(r[fig] for r in ours)
-        p = statistics.median(r["decode_128"] for r in peer)
+        w, p = 128 * batch / median(ours, fig), 128 / median(peer, "decode_128")
         print(f"| {fig} (aggregate tok/s, in-process; peer: one stream) | {w:.0f} | {p:.0f} | {w / p:.2f} |")
-    stall = {fig: statistics.median(r[fig] for r in ours)
-             for fig in ("stall_2048_whole", "stall_2048_chunked", "prefill_2048_chunked_total")}
-    peer_2048 = statistics.median(r["prefill_2048_total"] for r in peer)
     http = http_figures()
     w, p = http["warden"], http["llama.cpp"]
     print(f"| chat, max_tokens 64, one client (ms/request) | {w['chat_64_latency_ms']:.0f} "
@@ -189,11 +179,11 @@ def main():
     print()
     print("| prefill of a 2,048-token prompt (seconds, in-process) | Warden | llama.cpp | Warden / llama.cpp |")
     print("|---|---|---|---|")
-    w = stall["prefill_2048_chunked_total"]
-    print(f"| whole prompt (Warden: chunks of 256; llama.cpp: batches of 512) | {w:.2f} "
-          f"| {peer_2048:.2f} | {peer_2048 / w:.2f} (speed) |")
-    print(f"| other streams held up, fed in chunks of 256 (longest chunk) | {stall['stall_2048_chunked']:.2f} | | |")
-    print(f"| other streams held up, prompt fed whole (before chunking) | {stall['stall_2048_whole']:.2f} | | |")
+    w, p = median(ours, "prefill_2048_chunked"), median(peer, "prefill_2048")
+    print(f"| whole prompt (Warden: chunks of 256; llama.cpp: batches of 512) | {w:.2f} | {p:.2f} | {p / w:.2f} (speed) |")
+    print(f"| other streams held up, fed in chunks of 256 (longest chunk) "
+          f"| {median(ours, 'prefill_2048_longest_chunk'):.2f} | | |")
+    print(f"| other streams held up, prompt fed whole (before chunking) | {median(ours, 'prefill_2048'):.2f} | | |")
 
 
 if __name__ == "__main__":
