@@ -4,11 +4,12 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const PLUGINS: [(&str, &str); 4] = [
+const PLUGINS: [(&str, &str); 5] = [
     ("auth-api-key", "auth_api_key"),
     ("sanitize-basic", "sanitize_basic"),
     ("metrics-policy-basic", "metrics_policy_basic"),
     ("misbehave", "misbehave"),
+    ("phone-home", "phone_home"),
 ];
 
 fn main() {

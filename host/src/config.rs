@@ -43,6 +43,11 @@ pub struct SlotConfig {
     pub config: serde_json::Map<String, serde_json::Value>,
     /// Per-call deadline in milliseconds.
     pub deadline_ms: u64,
+    /// Milliseconds added to a call's deadline per MiB of client text it is given (the
+    /// sanitizer's input check). Default: 60 for the sanitizer, sized from its measured
+    /// worst case (about 30 ms per MiB on the reference machine, docs/performance.md);
+    /// 0 for the others.
+    pub deadline_ms_per_mib: Option<u64>,
     /// Memory cap in MiB.
     pub memory_mib: u64,
     /// What a fault does: `closed` (auth and sanitizer: the only choice) or, for the
@@ -58,17 +63,30 @@ impl Default for SlotConfig {
             sha256: None,
             config: serde_json::Map::new(),
             deadline_ms: limits.deadline.as_millis() as u64,
+            deadline_ms_per_mib: None,
             memory_mib: (limits.memory_bytes >> 20) as u64,
             failure: None,
         }
     }
 }
 
+/// The default of `deadline_ms_per_mib` per slot: only the sanitizer is given client text.
+pub fn default_deadline_ms_per_mib(slot: Slot) -> u64 {
+    match slot {
+        Slot::Sanitizer => 60,
+        Slot::Auth | Slot::MetricsPolicy => 0,
+    }
+}
+
 impl SlotConfig {
-    /// The call bounds.
-    pub fn limits(&self) -> Limits {
+    /// The call bounds of this slot's plugin.
+    pub fn limits(&self, slot: Slot) -> Limits {
+        let per_mib = self
+            .deadline_ms_per_mib
+            .unwrap_or_else(|| default_deadline_ms_per_mib(slot));
         Limits {
             deadline: Duration::from_millis(self.deadline_ms),
+            deadline_per_mib: Duration::from_millis(per_mib),
             memory_bytes: usize::try_from(self.memory_mib.saturating_mul(1 << 20))
                 .unwrap_or(usize::MAX),
         }
@@ -151,6 +169,13 @@ pub struct Config {
     pub generated_key_file: PathBuf,
     /// Largest request body, in bytes.
     pub body_limit_bytes: u64,
+    /// Largest request head (request line and all headers), in bytes; larger is 431.
+    pub header_limit_bytes: usize,
+    /// How long a client may take to send its request head, in seconds.
+    pub header_timeout_secs: u64,
+    /// Most client connections open at once (per listener); further ones wait in the
+    /// kernel's backlog until one closes.
+    pub max_connections: usize,
     /// On SIGTERM/SIGINT, how long requests and streams in flight may run before the streams
     /// still open get a final error event.
     pub shutdown_grace_secs: u64,
@@ -180,6 +205,9 @@ impl Default for Config {
             metrics_api_key: None,
             generated_key_file: PathBuf::from(".warden/api-key"),
             body_limit_bytes: 2 * 1024 * 1024,
+            header_limit_bytes: 64 * 1024,
+            header_timeout_secs: 10,
+            max_connections: 1024,
             shutdown_grace_secs: 30,
             shutdown_delay_ms: 0,
             engine: EngineConfig::default(),
@@ -268,7 +296,12 @@ impl Config {
                     "plugins.{slot}.deadline_ms must be between 1 and 10000"
                 )));
             }
-            if s.memory_mib == 0 || s.limits().memory_bytes > MAX_MEMORY_BYTES {
+            if s.deadline_ms_per_mib.is_some_and(|ms| ms > 10_000) {
+                return Err(ConfigError::Invalid(format!(
+                    "plugins.{slot}.deadline_ms_per_mib must be at most 10000"
+                )));
+            }
+            if s.memory_mib == 0 || s.limits(slot).memory_bytes > MAX_MEMORY_BYTES {
                 return Err(ConfigError::Invalid(format!(
                     "plugins.{slot}.memory_mib must be between 1 and {}",
                     MAX_MEMORY_BYTES >> 20
@@ -306,12 +339,31 @@ impl Config {
                     .into(),
             ));
         }
+        if self.header_limit_bytes < 4096 || self.header_limit_bytes > 1 << 20 {
+            return Err(ConfigError::Invalid(
+                "header_limit_bytes must be between 4096 and 1048576".into(),
+            ));
+        }
+        if self.header_timeout_secs == 0 || self.max_connections == 0 {
+            return Err(ConfigError::Invalid(
+                "header_timeout_secs and max_connections must be positive".into(),
+            ));
+        }
         if self.text_model_id().is_empty() {
             return Err(ConfigError::Invalid(
                 "text_model must name a .gguf file".into(),
             ));
         }
         Ok(())
+    }
+
+    /// The bounds of the HTTP listeners.
+    pub fn http_limits(&self) -> crate::http::serve::Limits {
+        crate::http::serve::Limits {
+            header_bytes: self.header_limit_bytes,
+            header_timeout: Duration::from_secs(self.header_timeout_secs),
+            connections: self.max_connections,
+        }
     }
 
     /// The text model's file.
@@ -338,7 +390,7 @@ impl Config {
             &self.plugin_file(slot),
             s.sha256.clone(),
             config_json,
-            s.limits(),
+            s.limits(slot),
         )?;
         source.failure = s.failure.unwrap_or(FailurePolicy::default_for(slot));
         Ok(source)
@@ -363,6 +415,18 @@ impl Config {
         check(
             "body_limit_bytes",
             self.body_limit_bytes != other.body_limit_bytes,
+        );
+        check(
+            "header_limit_bytes",
+            self.header_limit_bytes != other.header_limit_bytes,
+        );
+        check(
+            "header_timeout_secs",
+            self.header_timeout_secs != other.header_timeout_secs,
+        );
+        check(
+            "max_connections",
+            self.max_connections != other.max_connections,
         );
         check("engine", self.engine != other.engine);
         check(
@@ -420,6 +484,15 @@ pub struct ServeArgs {
     /// Largest request body in bytes [default: 2097152].
     #[arg(long, env = "WARDEN_BODY_LIMIT_BYTES")]
     pub body_limit_bytes: Option<u64>,
+    /// Largest request head (request line and headers) in bytes; larger is 431 [default: 65536].
+    #[arg(long, env = "WARDEN_HEADER_LIMIT_BYTES")]
+    pub header_limit_bytes: Option<usize>,
+    /// Seconds a client may take to send its request head [default: 10].
+    #[arg(long, env = "WARDEN_HEADER_TIMEOUT_SECS")]
+    pub header_timeout_secs: Option<u64>,
+    /// Most client connections open at once, per listener [default: 1024].
+    #[arg(long, env = "WARDEN_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
     /// Seconds requests in flight get to finish on shutdown [default: 30].
     #[arg(long, env = "WARDEN_SHUTDOWN_GRACE_SECS")]
     pub shutdown_grace_secs: Option<u64>,
@@ -514,6 +587,14 @@ pub struct ServeArgs {
         value_name = "MS"
     )]
     pub sanitizer_deadline_ms: Option<u64>,
+    /// sanitizer plugin: milliseconds added to its input check's deadline per MiB of input
+    /// [default: 60].
+    #[arg(
+        long = "sanitizer-deadline-ms-per-mib",
+        env = "WARDEN_SANITIZER_DEADLINE_MS_PER_MIB",
+        value_name = "MS"
+    )]
+    pub sanitizer_deadline_ms_per_mib: Option<u64>,
     /// sanitizer plugin: memory cap in MiB [default: 16].
     #[arg(
         long = "sanitizer-memory-mib",
@@ -630,6 +711,9 @@ impl ServeArgs {
         set_some(&mut config.admin_listen, this.admin_listen);
         set_some(&mut config.cache_dir, this.cache_dir);
         set_some(&mut config.body_limit_bytes, this.body_limit_bytes);
+        set_some(&mut config.header_limit_bytes, this.header_limit_bytes);
+        set_some(&mut config.header_timeout_secs, this.header_timeout_secs);
+        set_some(&mut config.max_connections, this.max_connections);
         set_some(&mut config.shutdown_grace_secs, this.shutdown_grace_secs);
         set_some(&mut config.shutdown_delay_ms, this.shutdown_delay_ms);
         if let Some(v) = this.queue_capacity {
@@ -692,6 +776,9 @@ impl ServeArgs {
         )?;
         if let Some(v) = this.metrics_policy_failure {
             config.plugins.metrics_policy.failure = Some(v);
+        }
+        if let Some(v) = this.sanitizer_deadline_ms_per_mib {
+            config.plugins.sanitizer.deadline_ms_per_mib = Some(v);
         }
         config.validate()?;
         Ok(config)

@@ -20,6 +20,17 @@ pub enum ApiError {
         /// The offending parameter.
         param: Option<&'static str>,
     },
+    /// A request the host refuses before any plugin sees it, with a machine-readable code:
+    /// a limit the host can check itself (counts, sizes), or ambiguous credentials.
+    #[error("{message}")]
+    Invalid {
+        /// Machine-readable code, e.g. `too_many_inputs`.
+        code: &'static str,
+        /// The offending parameter.
+        param: Option<&'static str>,
+        /// What is wrong.
+        message: String,
+    },
     /// Prompt plus requested tokens exceed the model's context window.
     #[error(
         "this model's context window is {context} tokens, but the request needs {}: {prompt} in the prompt and {max_tokens} to generate",
@@ -32,6 +43,15 @@ pub enum ApiError {
         prompt: usize,
         /// Requested completion tokens.
         max_tokens: usize,
+        /// `messages` or `prompt`.
+        param: &'static str,
+    },
+    /// The prompt alone is longer than the context window (found without tokenizing all
+    /// of it).
+    #[error("the prompt is longer than this model's context window of {context} tokens")]
+    PromptTooLong {
+        /// The window.
+        context: usize,
         /// `messages` or `prompt`.
         param: &'static str,
     },
@@ -146,7 +166,13 @@ impl ApiError {
                 None,
                 false,
             ),
-            ContextLength { .. } => (
+            Invalid { code, .. } => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                Some(code),
+                false,
+            ),
+            ContextLength { .. } | PromptTooLong { .. } => (
                 StatusCode::BAD_REQUEST,
                 "invalid_request_error",
                 Some("context_length_exceeded"),
@@ -262,8 +288,10 @@ impl ApiError {
 
     fn param(&self) -> Option<&str> {
         match self {
-            ApiError::BadRequest { param, .. } => *param,
-            ApiError::ContextLength { param, .. } => Some(param),
+            ApiError::BadRequest { param, .. } | ApiError::Invalid { param, .. } => *param,
+            ApiError::ContextLength { param, .. } | ApiError::PromptTooLong { param, .. } => {
+                Some(param)
+            }
             ApiError::ModelNotFound(_) => Some("model"),
             _ => None,
         }

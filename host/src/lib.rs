@@ -294,6 +294,9 @@ fn load_services(config: &Config, metrics: Arc<Metrics>) -> Result<Services, Sta
     let loaded_at = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
+    for id in text.keys().chain(embeddings.keys()) {
+        metrics.model_loaded(id);
+    }
     let cooldown = Duration::from_millis(config.engine.breaker_cooldown_ms);
     let breakers = text
         .keys()
@@ -389,17 +392,24 @@ impl Server {
         let stopped = |mut rx: watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|stop| *stop).await;
         };
-        let server = warp::serve(http::routes(state.clone()))
-            .incoming(listener)
-            .graceful(stopped(signal.clone()));
-        let mut tasks = vec![tokio::spawn(server.run())];
+        let limits = state.config.http_limits();
+        let server = http::serve::serve(
+            listener,
+            http::routes(state.clone()),
+            limits,
+            stopped(signal.clone()),
+        );
+        let mut tasks = vec![tokio::spawn(server)];
         tracing::info!(%addr, "listening");
         let mut admin_addr = None;
         if let Some((listener, bound)) = admin_listener {
-            let admin = warp::serve(http::admin_routes(state.clone()))
-                .incoming(listener)
-                .graceful(stopped(signal));
-            tasks.push(tokio::spawn(admin.run()));
+            let admin = http::serve::serve(
+                listener,
+                http::admin_routes(state.clone()),
+                limits,
+                stopped(signal),
+            );
+            tasks.push(tokio::spawn(admin));
             tracing::info!(addr = %bound, "admin API listening");
             admin_addr = Some(bound);
         }

@@ -8,6 +8,12 @@ use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 use warden::plugins::{Limits, PluginSource, Slot};
 
+/// jemalloc, which hands freed memory back to the system (after two seconds, set in
+/// `.cargo/config.toml`) where glibc's per-thread arenas kept hundreds of MiB after a burst
+/// of large requests (docs/performance.md, "Memory").
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "warden",
@@ -101,6 +107,9 @@ fn main() -> ExitCode {
         }) => {
             let limits = Limits {
                 deadline: Duration::from_millis(deadline_ms),
+                deadline_per_mib: Duration::from_millis(
+                    warden::config::default_deadline_ms_per_mib(slot),
+                ),
                 memory_bytes: usize::try_from(memory_mib.saturating_mul(1 << 20))
                     .unwrap_or(usize::MAX),
             };

@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -18,10 +18,40 @@ use crate::plugins::{Fault, FaultSink, Outcome, Slot, Trigger, Visibility};
 /// `overflow` series.
 pub const MAX_LABEL_SETS: usize = 1000;
 
+/// A label value that is escaped as the exposition formats require (`\\`, `\"`, `\n`), in
+/// text 0.0.4 and OpenMetrics alike, so that no value (a tenant from the auth plugin, a
+/// label from the metrics policy, a plugin name) can end its series and start another.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, PartialOrd, Ord)]
+pub struct LabelValue(String);
+
+impl LabelValue {
+    /// Wrap a value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+}
+
+impl EncodeLabelValue for LabelValue {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        use std::fmt::Write;
+        let mut rest = self.0.as_str();
+        while let Some(i) = rest.find(['\\', '"', '\n']) {
+            encoder.write_str(&rest[..i])?;
+            encoder.write_str(match rest.as_bytes()[i] {
+                b'\\' => "\\\\",
+                b'"' => "\\\"",
+                _ => "\\n",
+            })?;
+            rest = &rest[i + 1..];
+        }
+        encoder.write_str(rest)
+    }
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct FaultLabels {
     slot: &'static str,
-    plugin: String,
+    plugin: LabelValue,
     kind: &'static str,
 }
 
@@ -45,15 +75,26 @@ struct SlotLabels {
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ModelLabels {
-    model: String,
+    model: LabelValue,
 }
+
+impl ModelLabels {
+    fn of(model: &str) -> Self {
+        Self {
+            model: LabelValue::new(model),
+        }
+    }
+}
+
+/// One request's label set, as recorded.
+type RequestLabels = Vec<(String, LabelValue)>;
 
 /// The host's metrics.
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
     families: Vec<String>,
-    requests: Family<Vec<(String, String)>, Counter>,
+    requests: Family<RequestLabels, Counter>,
     plugin_faults: Family<FaultLabels, Counter>,
     engine_errors: Family<ModelLabels, Counter>,
     plugin_swaps: Family<SwapLabels, Counter>,
@@ -70,7 +111,7 @@ pub struct Metrics {
     queue_depth: Family<ModelLabels, Gauge>,
     queue_wait: Family<ModelLabels, Histogram>,
     queue_timeouts: Family<ModelLabels, Counter>,
-    label_sets: Mutex<HashSet<Vec<(String, String)>>>,
+    label_sets: Mutex<HashSet<RequestLabels>>,
 }
 
 impl Default for Metrics {
@@ -84,7 +125,7 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("warden");
         let mut families = Vec::new();
-        let requests = Family::<Vec<(String, String)>, Counter>::default();
+        let requests = Family::<RequestLabels, Counter>::default();
         register(
             &mut registry,
             &mut families,
@@ -262,12 +303,16 @@ impl Metrics {
     }
 
     /// Count one request under `labels` (already validated by the plugin layer).
-    pub fn record_request(&self, mut labels: Vec<(String, String)>) {
+    pub fn record_request(&self, labels: Vec<(String, String)>) {
+        let mut labels: RequestLabels = labels
+            .into_iter()
+            .map(|(name, value)| (name, LabelValue(value)))
+            .collect();
         labels.sort();
         let mut sets = self.label_sets.lock().unwrap_or_else(|e| e.into_inner());
         if !sets.contains(&labels) {
             if sets.len() >= MAX_LABEL_SETS {
-                labels = vec![("overflow".into(), "true".into())];
+                labels = vec![("overflow".into(), LabelValue::new("true"))];
             } else {
                 sets.insert(labels.clone());
             }
@@ -296,9 +341,7 @@ impl Metrics {
     /// Observe the first token of a generation.
     pub fn observe_first_token(&self, model: &str, after: Duration) {
         self.time_to_first_token
-            .get_or_create(&ModelLabels {
-                model: model.to_string(),
-            })
+            .get_or_create(&ModelLabels::of(model))
             .observe(after.as_secs_f64());
     }
 
@@ -310,9 +353,7 @@ impl Metrics {
         completion_tokens: usize,
         after_first: Option<Duration>,
     ) {
-        let labels = ModelLabels {
-            model: model.to_string(),
-        };
+        let labels = ModelLabels::of(model);
         self.prompt_tokens
             .get_or_create(&labels)
             .inc_by(prompt_tokens as u64);
@@ -342,18 +383,14 @@ impl Metrics {
     /// Record a circuit breaker's new state.
     pub fn set_breaker_state(&self, model: &str, state: crate::breaker::BreakerState) {
         self.breaker_state
-            .get_or_create(&ModelLabels {
-                model: model.to_string(),
-            })
+            .get_or_create(&ModelLabels::of(model))
             .set(state.gauge());
     }
 
     /// Count one request that timed out in `model`'s queue.
     pub fn record_queue_timeout(&self, model: &str) {
         self.queue_timeouts
-            .get_or_create(&ModelLabels {
-                model: model.to_string(),
-            })
+            .get_or_create(&ModelLabels::of(model))
             .inc();
     }
 
@@ -389,21 +426,25 @@ impl Metrics {
         .sum()
     }
 
+    /// Export `model`'s per-model counters at zero, before anything happens to it, so that
+    /// `rate()` and alerts on them work from the start.
+    pub fn model_loaded(&self, model: &str) {
+        let labels = ModelLabels::of(model);
+        drop(self.engine_errors.get_or_create(&labels));
+        drop(self.queue_timeouts.get_or_create(&labels));
+    }
+
     /// Count one engine failure of `model`.
     pub fn record_engine_error(&self, model: &str) {
         self.engine_errors
-            .get_or_create(&ModelLabels {
-                model: model.to_string(),
-            })
+            .get_or_create(&ModelLabels::of(model))
             .inc();
     }
 
     /// Engine failures counted for `model`.
     pub fn engine_error_count(&self, model: &str) -> u64 {
         self.engine_errors
-            .get(&ModelLabels {
-                model: model.to_string(),
-            })
+            .get(&ModelLabels::of(model))
             .map_or(0, |c| c.get())
     }
 
@@ -424,19 +465,21 @@ impl Metrics {
     /// carry all of the given labels, or none (the metric descriptions stay).
     pub fn encode_visible(&self, visibility: &Visibility) -> String {
         let text = self.encode();
-        let required: Vec<String> = match visibility {
+        let required: &[(String, String)] = match visibility {
             Visibility::All => return text,
-            Visibility::Nothing => Vec::new(),
-            Visibility::Matching(labels) => labels
-                .iter()
-                .map(|(n, v)| format!("{n}=\"{}\"", escape_label_value(v)))
-                .collect(),
+            Visibility::Nothing => &[],
+            Visibility::Matching(labels) => labels,
         };
         let nothing = matches!(visibility, Visibility::Nothing);
         let mut out = String::with_capacity(text.len());
         for line in text.lines() {
             let keep = line.starts_with('#')
-                || (!nothing && labels_of(line).is_some_and(|set| has_all(set, &required)));
+                || (!nothing
+                    && sample_labels(line).is_some_and(|set| {
+                        required
+                            .iter()
+                            .all(|(n, v)| set.iter().any(|(name, value)| name == n && value == v))
+                    }));
             if keep {
                 out.push_str(line);
                 out.push('\n');
@@ -457,27 +500,33 @@ impl Metrics {
 impl crate::engine::QueueObserver for Metrics {
     fn depth(&self, model: &str, delta: i64) {
         self.queue_depth
-            .get_or_create(&ModelLabels {
-                model: model.to_string(),
-            })
+            .get_or_create(&ModelLabels::of(model))
             .inc_by(delta);
     }
 
     fn waited(&self, model: &str, wait: Duration) {
         self.queue_wait
-            .get_or_create(&ModelLabels {
-                model: model.to_string(),
-            })
+            .get_or_create(&ModelLabels::of(model))
             .observe(wait.as_secs_f64());
     }
 }
 
 impl FaultSink for Metrics {
+    fn plugin_live(&self, slot: Slot, plugin: &str) {
+        for kind in crate::plugins::FaultKind::ALL {
+            drop(self.plugin_faults.get_or_create(&FaultLabels {
+                slot: slot.as_str(),
+                plugin: LabelValue::new(plugin),
+                kind: kind.as_str(),
+            }));
+        }
+    }
+
     fn fault(&self, fault: &Fault) {
         self.plugin_faults
             .get_or_create(&FaultLabels {
                 slot: fault.slot.as_str(),
-                plugin: fault.plugin.to_string(),
+                plugin: LabelValue::new(&*fault.plugin),
                 kind: fault.kind.as_str(),
             })
             .inc();
@@ -533,9 +582,7 @@ impl Drop for StreamGuard {
         self.metrics.streams_in_flight.dec();
         self.metrics
             .stream_duration
-            .get_or_create(&ModelLabels {
-                model: std::mem::take(&mut self.model),
-            })
+            .get_or_create(&ModelLabels::of(&self.model))
             .observe(self.opened.elapsed().as_secs_f64());
     }
 }
@@ -582,28 +629,35 @@ pub fn to_prometheus_text(openmetrics: &str) -> String {
     out
 }
 
-fn escape_label_value(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
-/// The `a="x",b="y"` part of a sample line, if it has labels.
-fn labels_of(line: &str) -> Option<&str> {
+/// The labels of a sample line (`name{a="x",b="y\\"z"} 1`), unescaped, or `None` for a line
+/// without labels or one that does not parse.
+fn sample_labels(line: &str) -> Option<Vec<(&str, String)>> {
     let start = line.find('{')?;
-    let end = line.rfind('}')?;
-    (end > start).then(|| &line[start + 1..end])
-}
-
-/// Whether the label set holds every `name="value"` pair (escaped as in the exposition).
-fn has_all(set: &str, required: &[String]) -> bool {
-    required.iter().all(|pair| {
-        set.match_indices(pair.as_str()).any(|(i, _)| {
-            let before_ok = i == 0 || set[..i].ends_with(',');
-            let after = &set[i + pair.len()..];
-            before_ok && (after.is_empty() || after.starts_with(','))
-        })
-    })
+    let mut rest = &line[start + 1..];
+    let mut out = Vec::new();
+    loop {
+        if rest.starts_with('}') {
+            return Some(out);
+        }
+        let eq = rest.find('=')?;
+        let name = &rest[..eq];
+        rest = rest[eq + 1..].strip_prefix('"')?;
+        let mut value = String::new();
+        let mut chars = rest.char_indices();
+        let end = loop {
+            match chars.next()? {
+                (i, '"') => break i,
+                (_, '\\') => match chars.next()?.1 {
+                    'n' => value.push('\n'),
+                    c => value.push(c),
+                },
+                (_, c) => value.push(c),
+            }
+        };
+        out.push((name, value));
+        rest = &rest[end + 1..];
+        rest = rest.strip_prefix(',').unwrap_or(rest);
+    }
 }
 
 #[cfg(test)]
@@ -632,6 +686,79 @@ mod tests {
         let none = m.encode_visible(&Visibility::Nothing);
         assert!(none.lines().all(|l| l.starts_with('#')), "{none}");
         assert!(none.contains("# TYPE warden_requests counter"), "{none}");
+    }
+
+    #[test]
+    fn label_values_are_escaped_in_both_formats() {
+        let m = Metrics::new();
+        let forged = "x\"} 1\nwarden_forged_total 424242\n# x";
+        m.record_request(vec![
+            ("route".into(), "/v1/models".into()),
+            ("tenant".into(), forged.into()),
+        ]);
+        m.model_loaded("a\\b\"c");
+        let openmetrics = m.encode();
+        for text in [openmetrics.clone(), to_prometheus_text(&openmetrics)] {
+            assert!(
+                !text.lines().any(|l| l.starts_with("warden_forged")),
+                "{text}"
+            );
+            assert!(
+                text.contains(r#"tenant="x\"} 1\nwarden_forged_total 424242\n# x""#),
+                "{text}"
+            );
+            assert!(text.contains(r#"model="a\\b\"c""#), "{text}");
+        }
+        // Visibility matches the value itself, escapes and all, and nothing that merely
+        // contains it.
+        let only = m.encode_visible(&Visibility::Matching(vec![(
+            "tenant".into(),
+            forged.into(),
+        )]));
+        assert_eq!(
+            only.lines().filter(|l| !l.starts_with('#')).count(),
+            1,
+            "{only}"
+        );
+        let x = m.encode_visible(&Visibility::Matching(vec![("tenant".into(), "x".into())]));
+        assert!(x.lines().all(|l| l.starts_with('#')), "{x}");
+    }
+
+    #[test]
+    fn sample_labels_are_parsed_with_their_escapes() {
+        assert_eq!(
+            sample_labels("m{a=\"1\",b=\"x\\\"}\\\\y\\nz\"} 3"),
+            Some(vec![
+                ("a", "1".to_string()),
+                ("b", "x\"}\\y\nz".to_string())
+            ])
+        );
+        assert_eq!(sample_labels("m 3"), None);
+        assert_eq!(sample_labels(r#"m{a="unterminated} 3"#), None);
+        assert_eq!(sample_labels("m{} 3"), Some(vec![]));
+    }
+
+    #[test]
+    fn per_model_and_per_plugin_counters_start_at_zero() {
+        let m = Metrics::new();
+        m.model_loaded("m");
+        m.plugin_live(Slot::Auth, "auth-api-key");
+        let text = m.encode();
+        assert!(
+            text.contains(r#"warden_engine_errors_total{model="m"} 0"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"warden_queue_timeouts_total{model="m"} 0"#),
+            "{text}"
+        );
+        for kind in crate::plugins::FaultKind::ALL {
+            let line = format!(
+                r#"warden_plugin_faults_total{{slot="auth",plugin="auth-api-key",kind="{}"}} 0"#,
+                kind.as_str()
+            );
+            assert!(text.contains(&line), "{line} in {text}");
+        }
     }
 
     #[test]

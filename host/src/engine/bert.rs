@@ -6,7 +6,9 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{BertModel, Config};
-use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
+use tokenizers::Tokenizer;
+
+use super::chunks::{BertWords, PIECE_BYTES, pieces};
 
 use super::{Embedder, Embedding, EngineError, ModelLoadError, read_model_file};
 
@@ -16,7 +18,13 @@ const DEFAULT_MAX_SEQ_LENGTH: usize = 256;
 /// A sentence-transformers BERT model with mean pooling.
 pub struct MiniLm {
     model: BertModel,
+    /// Without truncation, padding or special tokens: it is given pieces of a text.
     tokenizer: Tokenizer,
+    /// What the post-processor puts around a text (`[CLS]`, `[SEP]`).
+    first: u32,
+    last: u32,
+    /// Tokens per text, special tokens included (sentence-transformers' `max_seq_length`).
+    max_len: usize,
     dimensions: usize,
 }
 
@@ -42,15 +50,26 @@ impl MiniLm {
         let mut tokenizer = Tokenizer::from_bytes(read_model_file(id, dir, "tokenizer.json")?)
             .map_err(|e| invalid("tokenizer.json", e.to_string()))?;
         tokenizer
-            .with_truncation(Some(TruncationParams {
-                max_length: max_len,
-                ..Default::default()
-            }))
+            .with_truncation(None)
             .map_err(|e| invalid("tokenizer.json", e.to_string()))?;
-        tokenizer.with_padding(Some(PaddingParams {
-            strategy: PaddingStrategy::BatchLongest,
-            ..Default::default()
-        }));
+        tokenizer.with_padding(None);
+        // The post-processor's frame, from an empty text: `[CLS] [SEP]`.
+        let frame = tokenizer
+            .encode("", true)
+            .map_err(|e| invalid("tokenizer.json", e.to_string()))?;
+        let [first, last] = frame.get_ids() else {
+            return Err(invalid(
+                "tokenizer.json",
+                "the post-processor must frame a text with exactly two tokens".into(),
+            ));
+        };
+        let (first, last) = (*first, *last);
+        if max_len < 3 {
+            return Err(invalid(
+                "sentence_bert_config.json",
+                "max_seq_length is too small".into(),
+            ));
+        }
         let weights = read_model_file(id, dir, "model.safetensors")?;
         let vb = VarBuilder::from_buffered_safetensors(weights, DType::F32, &Device::Cpu)
             .map_err(|e| invalid("model.safetensors", e.to_string()))?;
@@ -59,27 +78,81 @@ impl MiniLm {
         Ok(Self {
             model,
             tokenizer,
+            first,
+            last,
+            max_len,
             dimensions: config.hidden_size,
         })
     }
 
-    fn forward(&self, texts: &[&str]) -> Result<Vec<Embedding>, EngineError> {
-        let encodings = self
-            .tokenizer
-            .encode_batch(texts.to_vec(), true)
+    /// The ids the model sees for `text`: framed, and truncated to `max_len` as
+    /// sentence-transformers does. The text is tokenized in pieces cut between words
+    /// ([`chunks`](super::chunks)) and only until the window is full, so a 2 MiB input costs
+    /// the memory of one piece and the time of the first 256 tokens, not of all of it.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, EngineError> {
+        self.encode_in_pieces_of(text, PIECE_BYTES)
+    }
+
+    /// [`Self::encode`] with pieces of `piece_bytes` (tests cut small pieces).
+    #[doc(hidden)]
+    pub fn encode_in_pieces_of(
+        &self,
+        text: &str,
+        piece_bytes: usize,
+    ) -> Result<Vec<u32>, EngineError> {
+        let room = self.max_len - 2;
+        let mut ids = Vec::with_capacity(self.max_len.min(text.len() + 2));
+        ids.push(self.first);
+        for piece in pieces(text, piece_bytes, &BertWords) {
+            let encoding = self
+                .tokenizer
+                .encode_fast(piece, false)
+                .map_err(|e| EngineError::Model(format!("tokenizer: {e}")))?;
+            let take = (room + 1 - ids.len()).min(encoding.get_ids().len());
+            ids.extend_from_slice(&encoding.get_ids()[..take]);
+            if ids.len() == room + 1 {
+                break;
+            }
+        }
+        ids.push(self.last);
+        Ok(ids)
+    }
+
+    /// [`Self::encode`] the way sentence-transformers does it: the whole text at once,
+    /// truncated by the tokenizer. The reference the pieces are tested against.
+    #[doc(hidden)]
+    pub fn encode_in_one_pass(&self, text: &str) -> Result<Vec<u32>, EngineError> {
+        let mut tokenizer = self.tokenizer.clone();
+        tokenizer
+            .with_truncation(Some(tokenizers::TruncationParams {
+                max_length: self.max_len,
+                ..Default::default()
+            }))
             .map_err(|e| EngineError::Model(format!("tokenizer: {e}")))?;
+        let encoding = tokenizer
+            .encode(text, true)
+            .map_err(|e| EngineError::Model(format!("tokenizer: {e}")))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    fn forward(&self, texts: &[&str]) -> Result<Vec<Embedding>, EngineError> {
+        let encodings = texts
+            .iter()
+            .map(|t| self.encode(t))
+            .collect::<Result<Vec<_>, _>>()?;
         let n = encodings.len();
-        let len = encodings.first().map_or(0, |e| e.get_ids().len());
+        let len = encodings.iter().map(Vec::len).max().unwrap_or(0);
         let mut ids = Vec::with_capacity(n * len);
         let mut mask = Vec::with_capacity(n * len);
-        let mut types = Vec::with_capacity(n * len);
         let mut tokens = Vec::with_capacity(n);
         for e in &encodings {
-            ids.extend_from_slice(e.get_ids());
-            mask.extend_from_slice(e.get_attention_mask());
-            types.extend_from_slice(e.get_type_ids());
-            tokens.push(e.get_attention_mask().iter().filter(|&&m| m == 1).count());
+            ids.extend_from_slice(e);
+            ids.resize(ids.len() + len - e.len(), 0);
+            mask.extend(std::iter::repeat_n(1u32, e.len()));
+            mask.extend(std::iter::repeat_n(0u32, len - e.len()));
+            tokens.push(e.len());
         }
+        let types = vec![0u32; n * len];
         let dev = &self.model.device;
         let ids = Tensor::from_vec(ids, (n, len), dev)?;
         let types = Tensor::from_vec(types, (n, len), dev)?;
@@ -116,12 +189,7 @@ impl Embedder for MiniLm {
     fn token_counts(&self, texts: &[&str]) -> Result<Vec<usize>, EngineError> {
         texts
             .iter()
-            .map(|t| {
-                self.tokenizer
-                    .encode_fast(*t, true)
-                    .map(|e| e.get_ids().len())
-                    .map_err(|e| EngineError::Model(format!("tokenizer: {e}")))
-            })
+            .map(|t| self.encode(t).map(|ids| ids.len()))
             .collect()
     }
 

@@ -26,6 +26,15 @@ const TOKEN_TYPE_USER_DEFINED: i32 = 4;
 #[error("{0}")]
 pub struct TokenizerError(String);
 
+/// Token ids, and whether they are all of the text's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Encoded {
+    /// The ids.
+    pub ids: Vec<u32>,
+    /// `false` when encoding stopped early (past its `max`).
+    pub complete: bool,
+}
+
 fn err(e: impl std::fmt::Display) -> TokenizerError {
     TokenizerError(e.to_string())
 }
@@ -48,6 +57,10 @@ pub struct GgufTokenizer {
     /// End-of-sequence token text.
     pub eos_text: String,
     vocab_size: usize,
+    /// The special tokens' texts, which no piece of a long text may cut through.
+    special_texts: Vec<String>,
+    /// The most bytes of text one token stands for.
+    max_token_bytes: usize,
 }
 
 impl std::fmt::Debug for GgufTokenizer {
@@ -158,6 +171,15 @@ impl GgufTokenizer {
             .filter(|(_, t)| matches!(**t, TOKEN_TYPE_CONTROL | TOKEN_TYPE_USER_DEFINED))
             .map(|(tok, _)| AddedToken::from(tok.clone(), true))
             .collect();
+        let special_texts: Vec<String> = specials.iter().map(|t| t.content.clone()).collect();
+        // A byte-level token's text has one character per byte; special tokens stand for
+        // their own text.
+        let max_token_bytes = tokens
+            .iter()
+            .map(|t| t.chars().count().max(t.len()))
+            .max()
+            .unwrap_or(1)
+            .max(1);
         tokenizer.add_special_tokens(specials).map_err(err)?;
         let mut plain = tokenizer.clone();
         plain.set_encode_special_tokens(true);
@@ -193,6 +215,8 @@ impl GgufTokenizer {
             bos_text: text_of(bos),
             eos_text: text_of(eos),
             vocab_size: tokens.len(),
+            special_texts,
+            max_token_bytes,
         })
     }
 
@@ -204,21 +228,93 @@ impl GgufTokenizer {
         add_special: bool,
         parse_special: bool,
     ) -> Result<Vec<u32>, TokenizerError> {
-        let tokenizer = if parse_special {
-            &self.parse_special
+        self.encode_at_most(text, add_special, parse_special, usize::MAX)
+            .map(|e| e.ids)
+    }
+
+    /// [`Self::encode`], but stop once more than `max` ids are known: a prompt longer than
+    /// the context window is refused without tokenizing all of it. The text is tokenized in
+    /// pieces cut where the pre-tokenizer would split anyway ([`chunks`](super::chunks)),
+    /// so the ids are the same as in one pass and memory stays proportional to a piece.
+    pub fn encode_at_most(
+        &self,
+        text: &str,
+        add_special: bool,
+        parse_special: bool,
+        max: usize,
+    ) -> Result<Encoded, TokenizerError> {
+        self.encode_in_pieces_of(
+            text,
+            add_special,
+            parse_special,
+            max,
+            super::chunks::PIECE_BYTES,
+        )
+    }
+
+    /// [`Self::encode_at_most`] with pieces of `piece_bytes` (tests cut small pieces).
+    #[doc(hidden)]
+    pub fn encode_in_pieces_of(
+        &self,
+        text: &str,
+        add_special: bool,
+        parse_special: bool,
+        max: usize,
+        piece_bytes: usize,
+    ) -> Result<Encoded, TokenizerError> {
+        let (tokenizer, specials): (&Tokenizer, &[String]) = if parse_special {
+            (&self.parse_special, &self.special_texts)
         } else {
-            &self.plain
+            (&self.plain, &[])
         };
-        let encoding = tokenizer.encode(text, false).map_err(err)?;
-        let mut ids = Vec::with_capacity(encoding.len() + 1);
+        let mut ids = Vec::new();
         if add_special
             && self.add_bos
             && let Some(bos) = self.bos
         {
             ids.push(bos);
         }
-        ids.extend_from_slice(encoding.get_ids());
-        Ok(ids)
+        let boundary = super::chunks::ByteLevelWords { specials };
+        for piece in super::chunks::pieces(text, piece_bytes, &boundary) {
+            let encoding = tokenizer.encode(piece, false).map_err(err)?;
+            ids.extend_from_slice(encoding.get_ids());
+            if ids.len() > max {
+                return Ok(Encoded {
+                    ids,
+                    complete: false,
+                });
+            }
+        }
+        Ok(Encoded {
+            ids,
+            complete: true,
+        })
+    }
+
+    /// [`Self::encode`] in one pass over the whole text: the reference the pieces are
+    /// tested against.
+    #[doc(hidden)]
+    pub fn encode_in_one_pass(
+        &self,
+        text: &str,
+        parse_special: bool,
+    ) -> Result<Vec<u32>, TokenizerError> {
+        let tokenizer = if parse_special {
+            &self.parse_special
+        } else {
+            &self.plain
+        };
+        Ok(tokenizer
+            .encode(text, false)
+            .map_err(err)?
+            .get_ids()
+            .to_vec())
+    }
+
+    /// The most bytes of text one token stands for: a text longer than `n` times this has
+    /// more than `n` tokens, whatever it says.
+    pub fn max_token_bytes(&self) -> usize {
+        self.max_token_bytes
     }
 
     /// Text of `ids`, special tokens included as their text. Unknown ids are an error.

@@ -5,6 +5,7 @@
 //! which the API answers with 429 and `Retry-After`.
 
 mod bert;
+mod chunks;
 mod generate;
 mod gguf_tokenizer;
 pub mod llama;
@@ -20,7 +21,7 @@ pub use generate::{
     FinishReason, GenerateConfig, GenerateEvent, GenerateHandle, GenerateRequest, GenerateStats,
     PREFILL_CHUNK, Piece, SamplingParams, TextState,
 };
-pub use gguf_tokenizer::{GgufTokenizer, TokenizerError};
+pub use gguf_tokenizer::{Encoded, GgufTokenizer, TokenizerError};
 pub use template::{ChatTemplate, TemplateMessage};
 pub use worker::{EmbeddingsHandle, WorkerConfig};
 

@@ -40,6 +40,18 @@ fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(token) = &state.config.admin_token else {
         return Err(unauthorized("invalid_admin_token", "the admin API is off"));
     };
+    if headers
+        .get_all(warp::http::header::AUTHORIZATION)
+        .iter()
+        .count()
+        > 1
+    {
+        return Err(admin_error(
+            StatusCode::BAD_REQUEST,
+            "ambiguous_credentials",
+            "the request carries more than one `authorization` header; send one token",
+        ));
+    }
     let given = headers
         .get(warp::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -78,6 +90,7 @@ fn refused(e: LoadError) -> ApiError {
         LoadError::Invalid { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_component"),
         LoadError::Version { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "unsupported_wit_version"),
         LoadError::World { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "wrong_world"),
+        LoadError::Import { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "unsupported_import"),
         LoadError::Configure { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "configuration_rejected"),
         LoadError::Smoke { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "smoke_call_failed"),
         LoadError::NoRollback { .. } => (StatusCode::CONFLICT, "no_rollback_target"),
@@ -159,14 +172,33 @@ struct FileChange {
     config: Option<serde_json::Value>,
 }
 
-/// The source a `PUT` names: uploaded bytes or a file under the plugin directory.
-fn change_source(
-    state: &AppState,
-    slot: Slot,
-    headers: &HeaderMap,
-    body: Bytes,
-) -> Result<PluginSource, ApiError> {
-    let services = state.services().ok_or(ApiError::NotReady)?;
+/// What a `PUT /admin/plugins/{slot}` asks for, parsed and validated, before anything is
+/// read or loaded.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    /// A component uploaded as the body.
+    Upload {
+        /// Its expected sha256 (`X-Plugin-Sha256`).
+        sha256: String,
+        /// Its name (`X-Plugin-Name`, or one made from the digest).
+        name: String,
+        /// Its configuration (`X-Plugin-Config`), if given.
+        config: Option<String>,
+    },
+    /// A file in the plugin directory.
+    File {
+        /// The path relative to the plugin directory: normal components only.
+        path: std::path::PathBuf,
+        /// Its expected sha256.
+        sha256: String,
+        /// Its configuration, if given.
+        config: Option<String>,
+    },
+}
+
+/// Parse a `PUT` request's headers and body into a [`Change`]; every malformed part is a
+/// 4xx with a code.
+pub fn parse_change(headers: &HeaderMap, body: &[u8]) -> Result<Change, ApiError> {
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     let content_type = header("content-type").unwrap_or_default();
     let media = content_type.split(';').next().unwrap_or_default().trim();
@@ -183,13 +215,11 @@ fn change_source(
             })?))?,
         };
         let name = plugin_name(header("x-plugin-name"), &sha256)?;
-        return Ok(services.plugins.source_for(
-            slot,
+        return Ok(Change::Upload {
+            sha256,
             name,
-            body.to_vec().into(),
-            Some(sha256),
             config,
-        ));
+        });
     }
     if !media.eq_ignore_ascii_case("application/json") {
         return Err(ApiError::Admin {
@@ -200,7 +230,7 @@ fn change_source(
                 .into(),
         });
     }
-    let change: FileChange = serde_json::from_slice(&body).map_err(|e| {
+    let change: FileChange = serde_json::from_slice(body).map_err(|e| {
         admin_error(
             StatusCode::BAD_REQUEST,
             "invalid_json",
@@ -220,22 +250,49 @@ fn change_source(
             "path must be relative to the plugin directory, without `..`",
         ));
     }
-    let path = state.config.plugin_dir.join(relative);
-    let file = PluginSource::from_file(
-        slot,
-        &path,
-        Some(sha256.clone()),
-        String::new(),
-        Default::default(),
-    )
-    .map_err(refused)?;
-    Ok(services.plugins.source_for(
-        slot,
-        file.name,
-        file.bytes,
-        Some(sha256),
-        plugin_config(change.config)?,
-    ))
+    Ok(Change::File {
+        path: relative.to_path_buf(),
+        sha256,
+        config: plugin_config(change.config)?,
+    })
+}
+
+/// The source a `PUT` names: uploaded bytes or a file under the plugin directory.
+fn change_source(
+    state: &AppState,
+    slot: Slot,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Result<PluginSource, ApiError> {
+    let services = state.services().ok_or(ApiError::NotReady)?;
+    match parse_change(headers, &body)? {
+        Change::Upload {
+            sha256,
+            name,
+            config,
+        } => {
+            Ok(services
+                .plugins
+                .source_for(slot, name, body.to_vec().into(), Some(sha256), config))
+        }
+        Change::File {
+            path,
+            sha256,
+            config,
+        } => {
+            let file = PluginSource::from_file(
+                slot,
+                &state.config.plugin_dir.join(path),
+                Some(sha256.clone()),
+                String::new(),
+                Default::default(),
+            )
+            .map_err(refused)?;
+            Ok(services
+                .plugins
+                .source_for(slot, file.name, file.bytes, Some(sha256), config))
+        }
+    }
 }
 
 async fn list(state: Arc<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {

@@ -30,7 +30,8 @@ use crate::engine::{
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::plugins::{
-    ChatMessage, InferenceInput, InputKind, OutputFilter, Payload, RequestMeta, SanitizerSession,
+    ChatMessage, Checked, InferenceInput, InputKind, OutputFilter, Payload, RequestMeta,
+    SanitizerSession,
 };
 
 /// Which API a generation came through, and how its responses look.
@@ -341,6 +342,7 @@ where
     guarded(state, meta, api.route(), "inference", |ctx| async move {
         let body = read_body(&ctx.meta, body, limit).await?;
         let value: Value = parse_json(&ctx.meta, &body)?;
+        drop(body);
         let (params, input) = match api {
             Api::Chat => {
                 let r = ChatRequest::parse(value)?;
@@ -402,19 +404,45 @@ async fn run(
     input: Input,
 ) -> Result<Response, ApiError> {
     let param = api.prompt_param();
-    // Tokenizer and template work grows with the body (up to `body_limit_bytes`): off the reactor.
-    let (input, payload) = blocking(ctx, model, move |model| {
-        let payload = match &input {
-            Input::Messages(m) => Payload::Messages(m.clone()),
-            Input::Text(t) => Payload::Texts(vec![t.clone()]),
-            Input::Tokens(ids) => match model.handle.tokenizer().decode(ids) {
-                Ok(text) => Payload::Texts(vec![text]),
-                Err(e) => return Ok(Err(ApiError::bad(param, e.to_string()))),
-            },
-        };
-        Ok(Ok((input, payload)))
-    })
-    .await?;
+    let context = model.handle.context_length();
+    // What the host can tell without tokenizing: more ids than the window, or more text
+    // than the window's tokens can stand for. Refused before any plugin or tokenizer runs.
+    let text_bytes = match &input {
+        Input::Messages(m) => m.iter().map(|m| m.content.len()).sum(),
+        Input::Text(t) => t.len(),
+        Input::Tokens(_) => 0,
+    };
+    if let Input::Tokens(ids) = &input
+        && ids.len() > context
+    {
+        return Err(ApiError::ContextLength {
+            context,
+            prompt: ids.len(),
+            max_tokens: params.max_tokens.unwrap_or(0),
+            param,
+        });
+    }
+    let max_token_bytes = model.handle.tokenizer().max_token_bytes();
+    if text_bytes > context.saturating_mul(max_token_bytes) {
+        return Err(ApiError::PromptTooLong { context, param });
+    }
+    // Token ids are shown to the sanitizer as their text, and kept to be served as they
+    // are if it passes them. Text is moved, never copied, on its way to the plugin.
+    let (payload, ids) = match input {
+        Input::Messages(m) => (Payload::Messages(m), None),
+        Input::Text(t) => (Payload::Texts(vec![t]), None),
+        Input::Tokens(ids) => {
+            // Detokenizing grows with the body (up to `body_limit_bytes`): off the reactor.
+            let (text, ids) = blocking(ctx, model, move |model| {
+                Ok(match model.handle.tokenizer().decode(&ids) {
+                    Ok(text) => Ok((text, ids)),
+                    Err(e) => Err(ApiError::bad(param, e.to_string())),
+                })
+            })
+            .await?;
+            (Payload::Texts(vec![text]), Some(ids))
+        }
+    };
     let session = ctx
         .plugins
         .sanitizer_session(&ctx.meta.request_id)
@@ -425,7 +453,7 @@ async fn run(
             kind: api.kind(),
             model: model.id.clone(),
             principal: ctx.principal.clone(),
-            payload: payload.clone(),
+            payload,
             max_tokens: params
                 .max_tokens
                 .map(|n| u32::try_from(n).unwrap_or(u32::MAX)),
@@ -434,12 +462,11 @@ async fn run(
         .await?
         .map_err(ApiError::Refused)?;
 
-    let unchanged = checked == payload;
     let prompt = blocking(ctx, model, move |model| {
         let tokenizer = model.handle.tokenizer();
-        let text = match (input, unchanged) {
-            (Input::Tokens(ids), true) => return Ok(Ok(ids)),
-            (_, _) => match checked {
+        let text = match (checked, ids) {
+            (Checked::Unchanged(_), Some(ids)) => return Ok(Ok(ids)),
+            (checked, _) => match checked.into_payload() {
                 Payload::Messages(messages) => {
                     let Some(template) = model.template.as_ref() else {
                         return Ok(Err(ApiError::bad(
@@ -462,10 +489,13 @@ async fn run(
                 Payload::Texts(texts) => texts.concat(),
             },
         };
-        let ids = tokenizer
-            .encode(&text, true, true)
+        let encoded = tokenizer
+            .encode_at_most(&text, true, true, context)
             .map_err(|e| EngineError::Model(e.to_string()))?;
-        Ok(Ok(ids))
+        if !encoded.complete {
+            return Ok(Err(ApiError::PromptTooLong { context, param }));
+        }
+        Ok(Ok(encoded.ids))
     })
     .await?;
     if prompt.is_empty() {
@@ -475,7 +505,6 @@ async fn run(
         ));
     }
 
-    let context = model.handle.context_length();
     let max_tokens = match params.max_tokens {
         Some(n) => n,
         None => context.saturating_sub(prompt.len()).max(1),

@@ -122,12 +122,34 @@ fn with_request_id(mut response: Response, id: &str) -> Response {
     response
 }
 
+/// Headers that carry credentials: a request may send each at most once. Two of them
+/// would leave the choice of credential to whoever reads first, so such a request is
+/// refused before any plugin sees it.
+const CREDENTIAL_HEADERS: [&str; 3] = ["authorization", "x-api-key", "api-key"];
+
+/// A 400 if `meta` carries a credential header more than once.
+pub(super) fn single_credentials(meta: &RequestMeta) -> Result<(), ApiError> {
+    for name in CREDENTIAL_HEADERS {
+        if meta.headers.iter().filter(|(k, _)| k == name).count() > 1 {
+            return Err(ApiError::Invalid {
+                code: "ambiguous_credentials",
+                param: None,
+                message: format!(
+                    "the request carries more than one `{name}` header; send one credential"
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Authenticate with the auth plugin, then check the route's scope (the host's rule).
 async fn authorize(
     plugins: &Arc<PluginSet>,
     meta: &RequestMeta,
     scope: &'static str,
 ) -> Result<Principal, ApiError> {
+    single_credentials(meta)?;
     let verdict = plugins
         .authenticate(meta)
         .instrument(tracing::debug_span!("plugin.auth"))
@@ -179,6 +201,91 @@ where
     Ok(buf.freeze())
 }
 
+/// Most JSON values a request body may hold: enough for 2,048 embedding inputs, 1,024 chat
+/// messages or a prompt of the whole context window as token ids, many times over.
+pub const MAX_JSON_VALUES: usize = 1 << 16;
+
+/// Count the values of a JSON document, stopping with an error past `limit` (or at the
+/// first syntax error, which the real parse then reports).
+fn count_json_values(body: &[u8], limit: usize) -> Result<usize, serde_json::Error> {
+    use serde::de::{DeserializeSeed, Deserializer, Error, MapAccess, SeqAccess, Visitor};
+
+    struct Count<'a> {
+        seen: &'a mut usize,
+        limit: usize,
+    }
+
+    impl Count<'_> {
+        fn one<E: Error>(self) -> Result<(), E> {
+            *self.seen += 1;
+            if *self.seen > self.limit {
+                return Err(E::custom("too many values"));
+            }
+            Ok(())
+        }
+
+        fn again(&mut self) -> Count<'_> {
+            Count {
+                seen: self.seen,
+                limit: self.limit,
+            }
+        }
+    }
+
+    impl<'de> DeserializeSeed<'de> for Count<'_> {
+        type Value = ();
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for Count<'_> {
+        type Value = ();
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("any JSON value")
+        }
+        fn visit_bool<E: Error>(self, _: bool) -> Result<(), E> {
+            self.one()
+        }
+        fn visit_i64<E: Error>(self, _: i64) -> Result<(), E> {
+            self.one()
+        }
+        fn visit_u64<E: Error>(self, _: u64) -> Result<(), E> {
+            self.one()
+        }
+        fn visit_f64<E: Error>(self, _: f64) -> Result<(), E> {
+            self.one()
+        }
+        fn visit_str<E: Error>(self, _: &str) -> Result<(), E> {
+            self.one()
+        }
+        fn visit_unit<E: Error>(self) -> Result<(), E> {
+            self.one()
+        }
+        fn visit_seq<A: SeqAccess<'de>>(mut self, mut seq: A) -> Result<(), A::Error> {
+            self.again().one()?;
+            while seq.next_element_seed(self.again())?.is_some() {}
+            Ok(())
+        }
+        fn visit_map<A: MapAccess<'de>>(mut self, mut map: A) -> Result<(), A::Error> {
+            self.again().one()?;
+            while map.next_key_seed(self.again())?.is_some() {
+                map.next_value_seed(self.again())?;
+            }
+            Ok(())
+        }
+    }
+
+    let mut seen = 0;
+    let mut de = serde_json::Deserializer::from_slice(body);
+    Count {
+        seen: &mut seen,
+        limit,
+    }
+    .deserialize(&mut de)?;
+    Ok(seen)
+}
+
 /// Parse a JSON body; anything that is not a JSON object of the right shape is a 400.
 pub(super) fn parse_json<T: serde::de::DeserializeOwned>(
     meta: &RequestMeta,
@@ -199,6 +306,19 @@ pub(super) fn parse_json<T: serde::de::DeserializeOwned>(
         return Err(ApiError::BadRequest {
             message: "the request body is empty".into(),
             param: None,
+        });
+    }
+    // A JSON value costs tens of bytes in memory however few it takes in the body (`[1,1,`
+    // is two bytes a value): count them first, without building any, so that a body is
+    // parsed only if it stays within a small multiple of its own size.
+    if count_json_values(body, MAX_JSON_VALUES).is_err() {
+        return Err(ApiError::Invalid {
+            code: "too_many_values",
+            param: None,
+            message: format!(
+                "the request body holds more than {MAX_JSON_VALUES} JSON values (array \
+                 elements, object members, scalars); no request needs that many"
+            ),
         });
     }
     serde_json::from_slice(body).map_err(|e| ApiError::BadRequest {
@@ -265,9 +385,10 @@ where
         "inference",
         |ctx| async move {
             let body = read_body(&ctx.meta, body, limit).await?;
-            let request: EmbeddingsRequest = parse_json(&ctx.meta, &body)?;
+            let mut request: EmbeddingsRequest = parse_json(&ctx.meta, &body)?;
+            drop(body);
             let encoding = request.encoding()?;
-            let texts = request.texts()?;
+            let texts = request.take_texts()?;
             let services = ctx.state.services().ok_or(ApiError::NotReady)?;
             let model = services
                 .embedding_model(&request.model)
@@ -285,7 +406,7 @@ where
                 };
                 match session.check_input(input).await? {
                     Err(refusal) => Err(ApiError::Refused(refusal)),
-                    Ok(payload) => Ok(payload.into_texts()),
+                    Ok(checked) => Ok(checked.into_payload().into_texts()),
                 }
             }
             .instrument(tracing::debug_span!("plugin.sanitizer"))
@@ -400,4 +521,22 @@ pub fn ready(state: Arc<AppState>) -> Response {
         status,
     )
     .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_values_are_counted_without_being_built() {
+        assert_eq!(
+            count_json_values(br#"{"a": [1, "x", null, {"b": true}]}"#, 100).unwrap(),
+            9,
+            "objects, keys, arrays and scalars each count"
+        );
+        assert!(count_json_values(b"[1,1,1,1]", 4).is_err());
+        assert_eq!(count_json_values(b"[1,1,1]", 4).unwrap(), 4);
+        let many = format!("[{}1]", "1,".repeat(MAX_JSON_VALUES));
+        assert!(count_json_values(many.as_bytes(), MAX_JSON_VALUES).is_err());
+    }
 }

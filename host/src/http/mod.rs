@@ -2,9 +2,12 @@
 //! registry and engine handles through [`AppState`]; no wasmtime or candle types here.
 
 mod admin;
+#[doc(hidden)]
+pub mod fuzz;
 mod generation;
 mod handlers;
 mod params;
+pub mod serve;
 mod types;
 
 use std::convert::Infallible;
@@ -42,10 +45,17 @@ fn request_id(headers: &HeaderMap) -> Arc<str> {
 }
 
 fn meta() -> impl Filter<Extract = (RequestMeta,), Error = Infallible> + Clone {
+    let peer = warp::ext::optional::<serve::ClientAddr>()
+        .and(warp::addr::remote())
+        .map(
+            |ours: Option<serve::ClientAddr>, warps: Option<SocketAddr>| {
+                ours.map(|a| a.0).or(warps)
+            },
+        );
     warp::method()
         .and(warp::path::full())
         .and(warp::header::headers_cloned())
-        .and(warp::addr::remote())
+        .and(peer)
         .map(
             |method: Method, path: FullPath, headers: HeaderMap, addr: Option<SocketAddr>| {
                 RequestMeta {

@@ -14,6 +14,9 @@ use crate::plugins::ChatMessage;
 /// Most stop strings per request.
 pub const MAX_STOP: usize = 4;
 
+/// Most messages in one chat request, checked by the host before any plugin runs.
+pub const MAX_MESSAGES: usize = 1024;
+
 /// Accepted and ignored: they do not change the output.
 const IGNORED: [&str; 5] = [
     "user",
@@ -318,6 +321,16 @@ fn messages(value: Option<Value>) -> Result<Vec<ChatMessage>, ApiError> {
     };
     if items.is_empty() {
         return Err(bad("messages", "messages must not be empty"));
+    }
+    if items.len() > MAX_MESSAGES {
+        return Err(ApiError::Invalid {
+            code: "too_many_messages",
+            param: Some("messages"),
+            message: format!(
+                "{} messages given; at most {MAX_MESSAGES} are allowed",
+                items.len()
+            ),
+        });
     }
     items
         .into_iter()

@@ -4,6 +4,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::ApiError;
 
+/// Most inputs in one embeddings request (OpenAI's limit), checked by the host before any
+/// plugin runs.
+pub const MAX_EMBEDDING_INPUTS: usize = 2048;
+
 /// `POST /v1/embeddings`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -34,13 +38,24 @@ pub enum EncodingFormat {
 }
 
 impl EmbeddingsRequest {
-    /// The texts, validated.
-    pub fn texts(&self) -> Result<Vec<String>, ApiError> {
+    /// The texts, validated, moved out of the request (a 2 MiB input is not copied).
+    pub fn take_texts(&mut self) -> Result<Vec<String>, ApiError> {
         use serde_json::Value;
-        let texts = match &self.input {
-            Value::String(s) => vec![s.clone()],
+        let single = matches!(self.input, Value::String(_));
+        let texts = match std::mem::take(&mut self.input) {
+            Value::String(s) => vec![s],
             Value::Array(items) if items.is_empty() => {
                 return Err(ApiError::bad("input", "input must not be an empty array"));
+            }
+            Value::Array(items) if items.len() > MAX_EMBEDDING_INPUTS => {
+                return Err(ApiError::Invalid {
+                    code: "too_many_inputs",
+                    param: Some("input"),
+                    message: format!(
+                        "{} inputs given; at most {MAX_EMBEDDING_INPUTS} are allowed",
+                        items.len()
+                    ),
+                });
             }
             Value::Array(items) => {
                 if items.iter().all(|v| v.is_number() || v.is_array()) {
@@ -50,10 +65,10 @@ impl EmbeddingsRequest {
                     ));
                 }
                 items
-                    .iter()
+                    .into_iter()
                     .enumerate()
                     .map(|(i, v)| match v {
-                        Value::String(s) => Ok(s.clone()),
+                        Value::String(s) => Ok(s),
                         _ => Err(ApiError::bad(
                             "input",
                             format!("input[{i}] must be a string"),
@@ -69,7 +84,7 @@ impl EmbeddingsRequest {
             }
         };
         if let Some(i) = texts.iter().position(String::is_empty) {
-            let name = if matches!(self.input, Value::String(_)) {
+            let name = if single {
                 "input".to_string()
             } else {
                 format!("input[{i}]")
@@ -181,14 +196,16 @@ mod tests {
     #[test]
     fn inputs_are_validated() {
         assert_eq!(
-            req(r#"{"model":"m","input":"hi"}"#).texts().unwrap(),
+            req(r#"{"model":"m","input":"hi"}"#).take_texts().unwrap(),
             ["hi"]
         );
         assert_eq!(
-            req(r#"{"model":"m","input":["a","b"]}"#).texts().unwrap(),
+            req(r#"{"model":"m","input":["a","b"]}"#)
+                .take_texts()
+                .unwrap(),
             ["a", "b"]
         );
-        let msg = |j: &str| req(j).texts().unwrap_err().to_string();
+        let msg = |j: &str| req(j).take_texts().unwrap_err().to_string();
         assert!(msg(r#"{"model":"m","input":[1,2]}"#).contains("token arrays"));
         assert!(msg(r#"{"model":"m","input":[[1],[2]]}"#).contains("token arrays"));
         assert_eq!(

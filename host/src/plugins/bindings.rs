@@ -182,14 +182,16 @@ pub fn kind_to(kind: InputKind) -> wit_sanitizer::InputKind {
     }
 }
 
-fn payload_to(p: &Payload) -> wit_sanitizer::Payload {
+/// The payload as the WIT type, by move: the client's text is never copied on the host
+/// side (it is copied once, into the guest's memory, by the call).
+fn payload_to(p: Payload) -> wit_sanitizer::Payload {
     match p {
-        Payload::Texts(t) => wit_sanitizer::Payload::Texts(t.clone()),
+        Payload::Texts(t) => wit_sanitizer::Payload::Texts(t),
         Payload::Messages(m) => wit_sanitizer::Payload::Messages(
-            m.iter()
+            m.into_iter()
                 .map(|m| wit_sanitizer::ChatMessage {
-                    role: m.role.clone(),
-                    content: m.content.clone(),
+                    role: m.role,
+                    content: m.content,
                 })
                 .collect(),
         ),
@@ -210,21 +212,27 @@ pub fn payload_from(p: wit_sanitizer::Payload) -> Payload {
     }
 }
 
+/// Call `check-input`; the input's payload is handed back (moved, not copied) with the
+/// verdict.
 pub fn call_check_input(
     instance: &SanitizerPlugin,
     store: &mut Store<PluginState>,
-    input: &InferenceInput,
-) -> wasmtime::Result<Result<WitVerdict, wit_types::Refusal>> {
+    input: InferenceInput,
+) -> (
+    Payload,
+    wasmtime::Result<Result<WitVerdict, wit_types::Refusal>>,
+) {
     let wit = wit_sanitizer::InferenceInput {
         kind: kind_to(input.kind),
-        model: input.model.clone(),
+        model: input.model,
         principal: principal_to(&input.principal),
-        payload: payload_to(&input.payload),
+        payload: payload_to(input.payload),
         max_tokens: input.max_tokens,
     };
-    instance
+    let verdict = instance
         .warden_policy_sanitizer()
-        .call_check_input(store, &wit)
+        .call_check_input(store, &wit);
+    (payload_from(wit.payload), verdict)
 }
 
 pub fn sanitizer_filter(instance: &SanitizerPlugin) -> GuestOutputFilter<'_> {

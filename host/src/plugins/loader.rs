@@ -13,7 +13,7 @@ const VALIDATION_DEADLINE: std::time::Duration = std::time::Duration::from_secs(
 use wasmtime::Store;
 
 use super::bindings::World;
-use super::runtime::{self, DiskCache, PluginState, Runtime};
+use super::runtime::{self, DiskCache, LogBudget, PluginState, Runtime, StoreTag};
 use super::{FailurePolicy, Fault, FaultKind, FaultSink, Limits, Slot, WIT_VERSION};
 
 /// Why a plugin was refused. Messages name files by file name only, never a path.
@@ -82,6 +82,21 @@ pub enum LoadError {
         world: &'static str,
         /// What is missing or extra.
         reason: String,
+    },
+    /// The component imports something the host does not give plugins (the network, for
+    /// one: `wasi:sockets` is never linked).
+    #[error(
+        "{slot} plugin `{plugin}` imports {import}, which Warden does not provide to plugins \
+         (no network, and no capability beyond WASI's clocks, random, closed stdio and the \
+         warden:policy host interface)"
+    )]
+    Import {
+        /// Slot.
+        slot: Slot,
+        /// Plugin name.
+        plugin: String,
+        /// The import, e.g. `wasi:sockets/network@0.2.6`.
+        import: String,
     },
     /// `configure` refused the configuration or faulted.
     #[error("{slot} plugin `{plugin}` rejected its configuration: {message}")]
@@ -285,6 +300,8 @@ pub struct Loaded<W> {
     /// When it was loaded.
     pub(super) loaded_at: SystemTime,
     pub(super) stats: CallStats,
+    /// What its stores share: name, slot, log allowance.
+    pub(super) tag: StoreTag,
 }
 
 /// Whether a plugin built against WIT version `version` can be served by this host:
@@ -373,11 +390,18 @@ impl<W: World> Loaded<W> {
                 served: versions_served(),
             });
         }
-        let world_error = |e: wasmtime::Error| LoadError::World {
-            slot,
-            plugin: plugin.clone(),
-            world: slot.world(),
-            reason: e.to_string(),
+        let world_error = |e: wasmtime::Error| match missing_import(&format!("{e:#}")) {
+            Some(import) => LoadError::Import {
+                slot,
+                plugin: plugin.clone(),
+                import,
+            },
+            None => LoadError::World {
+                slot,
+                plugin: plugin.clone(),
+                world: slot.world(),
+                reason: e.to_string(),
+            },
         };
         let pre = rt.linker.instantiate_pre(&component).map_err(world_error)?;
         let pre = W::new(pre).map_err(world_error)?;
@@ -392,6 +416,11 @@ impl<W: World> Loaded<W> {
             sink: Arc::new(Unrecorded),
             loaded_at: SystemTime::now(),
             stats: CallStats::default(),
+            tag: StoreTag {
+                slot,
+                plugin: plugin.clone().into(),
+                log: Arc::new(LogBudget::default()),
+            },
         };
         // Validate the configuration once, on an instance of its own. Loading is off the
         // request path and often competes with model loading for the CPU, so the check gets
@@ -452,7 +481,7 @@ impl<W: World> Loaded<W> {
     ) -> Result<(Store<PluginState>, W::Instance), InstanceError> {
         let rt = Runtime::get()
             .map_err(|_| InstanceError::Fault(self.fault(FaultKind::Unavailable, request_id)))?;
-        let mut store = rt.store(self.slot, &self.name, limits, request_id);
+        let mut store = rt.store(&self.tag, limits, request_id);
         let instance = match self.pre.instantiate(&mut store) {
             Ok(i) => i,
             Err(e) => {
@@ -463,7 +492,12 @@ impl<W: World> Loaded<W> {
                 return Err(InstanceError::Fault(self.fault(kind, request_id)));
             }
         };
-        match W::configure(&instance, &mut store, &self.config) {
+        let configured = W::configure(&instance, &mut store, &self.config);
+        if runtime::late(&store) {
+            let kind = FaultKind::Deadline;
+            return Err(InstanceError::Fault(self.fault(kind, request_id)));
+        }
+        match configured {
             Ok(Ok(())) => Ok((store, instance)),
             // Accepted at load, refused now: only a validation call may see this.
             Ok(Err(message)) => match request_id {
@@ -478,6 +512,19 @@ impl<W: World> Loaded<W> {
             }
         }
     }
+}
+
+/// The import wasmtime could not satisfy, from its error text ("component imports
+/// instance `wasi:sockets/network@0.2.6`, but a matching implementation was not found").
+fn missing_import(error: &str) -> Option<String> {
+    let at = error.find("component imports ")?;
+    let rest = &error[at..];
+    if !rest.contains("was not found in the linker") {
+        return None;
+    }
+    let start = rest.find('`')? + 1;
+    let len = rest[start..].find('`')?;
+    Some(rest[start..start + len].to_string())
 }
 
 /// Where validation faults go: nowhere (the load error reports them).
@@ -531,6 +578,17 @@ mod tests {
         assert!(version_served("0.1.7"));
         assert!(!version_served("0.2.0") && !version_served("1.1.0"));
         assert!(!version_served("0.1") && !version_served("0.1.0-rc1"));
+    }
+
+    #[test]
+    fn a_missing_import_is_named() {
+        let error = "component imports instance `wasi:sockets/network@0.2.6`, but a matching \
+                     implementation was not found in the linker";
+        assert_eq!(
+            missing_import(error).as_deref(),
+            Some("wasi:sockets/network@0.2.6")
+        );
+        assert_eq!(missing_import("export `auth` not found"), None);
     }
 
     #[test]

@@ -8,6 +8,7 @@ mod bindings;
 mod loader;
 mod registry;
 mod runtime;
+mod wasi;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -16,10 +17,10 @@ use std::sync::Arc;
 pub(crate) use loader::file_name;
 pub use loader::{Inspection, LoadError, PluginSource, inspect, versions_served};
 pub use registry::{
-    AUDIT_EVENTS_KEPT, AuditEvent, Outcome, OutputFilter, PluginSet, Registry, SanitizerSession,
-    Trigger, check,
+    AUDIT_EVENTS_KEPT, AuditEvent, Checked, Outcome, OutputFilter, PluginSet, Registry,
+    SanitizerSession, Trigger, check,
 };
-pub use runtime::{DiskCache, Limits, MAX_MEMORY_BYTES};
+pub use runtime::{DiskCache, Limits, MAX_MEMORY_BYTES, escape_log_message, hold_epoch_for_tests};
 
 /// The three plugin slots.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -75,6 +76,17 @@ impl Slot {
             Slot::MetricsPolicy => "metrics-policy-plugin",
         }
     }
+
+    /// The most bytes one call of a plugin in this slot may hand the host (wasmtime's
+    /// hostcall fuel: strings and list elements lifted from guest memory). Principals,
+    /// refusals and labels are small; a sanitizer's rewrite or released text may be as
+    /// large as the plugin's own memory.
+    pub fn result_bytes(self, limits: Limits) -> usize {
+        match self {
+            Slot::Auth | Slot::MetricsPolicy => 1 << 20,
+            Slot::Sanitizer => limits.memory_bytes.max(1 << 20),
+        }
+    }
 }
 
 impl serde::Serialize for Slot {
@@ -128,6 +140,8 @@ pub struct PluginStatus {
     pub faults: u64,
     /// Per-call deadline.
     pub deadline_ms: u64,
+    /// Added to the deadline per MiB of client text.
+    pub deadline_ms_per_mib: u64,
     /// Memory cap.
     pub memory_mib: u64,
     /// What a fault does.
@@ -223,6 +237,14 @@ pub enum Payload {
 }
 
 impl Payload {
+    /// Bytes of client text: the texts, or the messages' contents.
+    pub fn text_bytes(&self) -> usize {
+        match self {
+            Payload::Texts(t) => t.iter().map(String::len).sum(),
+            Payload::Messages(m) => m.iter().map(|m| m.content.len()).sum(),
+        }
+    }
+
     /// The texts, or the messages' contents.
     pub fn into_texts(self) -> Vec<String> {
         match self {
@@ -283,13 +305,26 @@ pub enum FaultKind {
     Deadline,
     /// The guest tried to grow its memory past the cap.
     Memory,
-    /// The call returned something the contract forbids.
+    /// The call returned something the contract forbids (including a result too large to
+    /// take into the host).
     Malformed,
+    /// The guest tried to wait (sleep or poll on something not ready); plugins may not.
+    Blocked,
     /// No instance could be created (pool exhausted or instantiation failed).
     Unavailable,
 }
 
 impl FaultKind {
+    /// Every kind.
+    pub const ALL: [FaultKind; 6] = [
+        FaultKind::Trap,
+        FaultKind::Deadline,
+        FaultKind::Memory,
+        FaultKind::Malformed,
+        FaultKind::Blocked,
+        FaultKind::Unavailable,
+    ];
+
     /// Name used in logs and metrics.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -297,6 +332,7 @@ impl FaultKind {
             FaultKind::Deadline => "deadline",
             FaultKind::Memory => "memory",
             FaultKind::Malformed => "malformed",
+            FaultKind::Blocked => "blocked",
             FaultKind::Unavailable => "unavailable",
         }
     }
@@ -329,6 +365,10 @@ impl fmt::Display for Fault {
 pub trait FaultSink: Send + Sync + fmt::Debug {
     /// Called once per fault.
     fn fault(&self, fault: &Fault);
+
+    /// Called when `plugin` becomes the live plugin of `slot` (at start, on a swap or a
+    /// rollback), so that its fault counters can be exported at zero before any fault.
+    fn plugin_live(&self, _slot: Slot, _plugin: &str) {}
 
     /// Called once per requested plugin change, whatever became of it.
     fn swap(&self, _slot: Slot, _trigger: Trigger, _outcome: Outcome) {}

@@ -43,21 +43,49 @@ impl std::fmt::Debug for PluginSet {
     }
 }
 
+/// A refusal the host can pass on: a 4xx status, a code of 1-64 of `[A-Za-z0-9_.-]`, and a
+/// message of at most 4 KiB without control characters other than tab and line feed.
 fn valid_refusal(r: &Refusal) -> bool {
     (400..=499).contains(&r.status)
-        && !r.code.is_empty()
-        && r.code.len() <= 64
+        && valid_code(&r.code)
         && r.message.len() <= 4096
+        && !r
+            .message
+            .chars()
+            .any(|c| c.is_control() && !matches!(c, '\t' | '\n'))
 }
 
+/// A machine-readable code: 1-64 of `[A-Za-z0-9_.-]`.
+pub(crate) fn valid_code(code: &str) -> bool {
+    !code.is_empty()
+        && code.len() <= 64
+        && code
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
+
+/// Text that may reach a log line or a metrics label: not empty, at most `max` bytes, no
+/// control characters.
+fn printable(s: &str, max: usize) -> bool {
+    !s.is_empty() && s.len() <= max && !s.chars().any(char::is_control)
+}
+
+/// Most scopes one principal may carry.
+const MAX_SCOPES: usize = 64;
+
 fn valid_principal(p: &Principal) -> bool {
-    let short = |s: &str| !s.is_empty() && s.len() <= 256;
-    short(&p.id)
+    printable(&p.id, 256)
         && p.tenant
             .as_deref()
-            .is_none_or(|t| short(t) && t.len() <= MAX_LABEL_VALUE)
-        && p.scopes.len() <= 64
-        && p.scopes.iter().all(|s| short(s))
+            .is_none_or(|t| printable(t, MAX_LABEL_VALUE))
+        && p.scopes.len() <= MAX_SCOPES
+        && p.scopes.iter().all(|s| printable(s, 256))
+}
+
+/// A label value a policy returned: at most [`MAX_LABEL_VALUE`] bytes (longer ones are cut)
+/// and no control characters (the exposition escapes the rest).
+fn label_value_ok(value: &str) -> bool {
+    !value.chars().any(char::is_control)
 }
 
 impl PluginSet {
@@ -146,11 +174,7 @@ impl PluginSet {
         let rid = request_id.clone();
         let inner = off_reactor(&self.sanitizer, Some(request_id), move || {
             let (store, instance) = instance(&plugin, Some(&rid))?;
-            Ok(SessionInner {
-                request_id: rid,
-                store,
-                instance,
-            })
+            Ok(SessionInner::new(rid, store, instance))
         })
         .await?;
         Ok(SanitizerSession {
@@ -208,8 +232,8 @@ fn authenticate(
 ) -> Result<Result<Principal, Refusal>, Fault> {
     let rid = Some(&meta.request_id);
     let (mut store, instance) = instance(plugin, rid)?;
-    let result = bindings::call_authenticate(&instance, &mut store, meta)
-        .map_err(|e| plugin.fault(runtime::classify(&store, &e), rid))?;
+    let result = bindings::call_authenticate(&instance, &mut store, meta);
+    let result = on_time(plugin, &store, rid, result)?;
     match result {
         Ok(p) => {
             let p = bindings::principal_from(p);
@@ -237,11 +261,14 @@ fn labels(
 ) -> Result<Vec<(String, String)>, Fault> {
     let rid = Some(request_id);
     let (mut store, instance) = instance(plugin, rid)?;
-    let mut labels = bindings::call_labels(&instance, &mut store, summary)
-        .map_err(|e| plugin.fault(runtime::classify(&store, &e), rid))?;
+    let labels = bindings::call_labels(&instance, &mut store, summary);
+    let mut labels = on_time(plugin, &store, rid, labels)?;
     let mut seen = Vec::with_capacity(labels.len());
     for (name, value) in &mut labels {
         if !ALLOWED_LABELS.contains(&name.as_str()) || seen.contains(name) {
+            return Err(plugin.fault(FaultKind::Malformed, rid));
+        }
+        if !label_value_ok(value) {
             return Err(plugin.fault(FaultKind::Malformed, rid));
         }
         seen.push(name.clone());
@@ -257,13 +284,16 @@ fn visible_series(
 ) -> Result<Visibility, Fault> {
     let rid = Some(request_id);
     let (mut store, instance) = instance(plugin, rid)?;
-    let visibility = bindings::call_visible_series(&instance, &mut store, caller)
-        .map_err(|e| plugin.fault(runtime::classify(&store, &e), rid))?;
+    let visibility = bindings::call_visible_series(&instance, &mut store, caller);
+    let visibility = on_time(plugin, &store, rid, visibility)?;
     match &visibility {
         Visibility::Matching(labels)
-            if labels
-                .iter()
-                .any(|(n, _)| !ALLOWED_LABELS.contains(&n.as_str())) =>
+            if labels.len() > ALLOWED_LABELS.len()
+                || labels.iter().any(|(n, v)| {
+                    !ALLOWED_LABELS.contains(&n.as_str())
+                        || !label_value_ok(v)
+                        || v.len() > MAX_LABEL_VALUE
+                }) =>
         {
             Err(plugin.fault(FaultKind::Malformed, rid))
         }
@@ -309,11 +339,7 @@ fn smoke_sanitizer(plugin: &SanitizerLoaded) -> Result<(), String> {
     let rid: Arc<str> = SMOKE_ID.into();
     smoke("check-input and output-filter", || {
         let (store, instance) = instance(plugin, Some(&rid))?;
-        let mut session = SessionInner {
-            request_id: rid.clone(),
-            store,
-            instance,
-        };
+        let mut session = SessionInner::new(rid.clone(), store, instance);
         let input = InferenceInput {
             kind: InputKind::Completion,
             model: SMOKE_ID.into(),
@@ -376,6 +402,8 @@ fn status_of<W>(l: &Loaded<W>, rollback_available: bool) -> PluginStatus {
         calls: l.stats.calls.load(Ordering::Relaxed),
         faults: l.stats.faults.load(Ordering::Relaxed),
         deadline_ms: u64::try_from(l.limits.deadline.as_millis()).unwrap_or(u64::MAX),
+        deadline_ms_per_mib: u64::try_from(l.limits.deadline_per_mib.as_millis())
+            .unwrap_or(u64::MAX),
         memory_mib: (l.limits.memory_bytes >> 20) as u64,
         failure: l.failure,
         rollback_available,
@@ -468,6 +496,20 @@ fn truncate(s: &mut String, max: usize) {
     }
 }
 
+/// A call's result, unless it came back after its deadline: a late answer is a deadline
+/// fault whatever it says.
+fn on_time<W: World, R>(
+    plugin: &Loaded<W>,
+    store: &Store<PluginState>,
+    request_id: Option<&Arc<str>>,
+    result: wasmtime::Result<R>,
+) -> Result<R, Fault> {
+    if runtime::late(store) {
+        return Err(plugin.fault(FaultKind::Deadline, request_id));
+    }
+    result.map_err(|e| plugin.fault(runtime::classify(store, &e), request_id))
+}
+
 fn instance<W: World>(
     loaded: &Loaded<W>,
     request_id: Option<&Arc<str>>,
@@ -489,6 +531,34 @@ struct SessionInner {
     request_id: Arc<str>,
     store: Store<PluginState>,
     instance: SanitizerPlugin,
+    /// Generated text fed to this session's output filters, and text they released.
+    fed: usize,
+    released: usize,
+}
+
+/// An output filter may release at most this many times what it was fed, plus
+/// [`RELEASE_SLACK`] bytes: room for placeholders longer than what they replace, never a
+/// way to turn a short answer into megabytes.
+const RELEASE_FACTOR: usize = 4;
+/// See [`RELEASE_FACTOR`].
+const RELEASE_SLACK: usize = 4096;
+
+/// A sanitizer's verdict on an input it accepts, with the payload to serve.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Checked {
+    /// The input as the client sent it.
+    Unchanged(Payload),
+    /// The plugin's rewrite, of the same shape.
+    Rewritten(Payload),
+}
+
+impl Checked {
+    /// The payload to serve.
+    pub fn into_payload(self) -> Payload {
+        match self {
+            Checked::Unchanged(p) | Checked::Rewritten(p) => p,
+        }
+    }
 }
 
 /// An output filter living in a [`SanitizerSession`].
@@ -530,7 +600,7 @@ impl SanitizerSession {
     pub async fn check_input(
         &self,
         input: InferenceInput,
-    ) -> Result<Result<Payload, Refusal>, Fault> {
+    ) -> Result<Result<Checked, Refusal>, Fault> {
         self.run(move |s, p| s.check_input(p, input)).await
     }
 
@@ -555,8 +625,36 @@ impl SanitizerSession {
 }
 
 impl SessionInner {
-    fn failed(&self, plugin: &SanitizerLoaded, e: &wasmtime::Error) -> Fault {
-        plugin.fault(runtime::classify(&self.store, e), Some(&self.request_id))
+    fn new(request_id: Arc<str>, store: Store<PluginState>, instance: SanitizerPlugin) -> Self {
+        Self {
+            request_id,
+            store,
+            instance,
+            fed: 0,
+            released: 0,
+        }
+    }
+
+    /// Count `text` as released; a filter that releases far more than it was fed is
+    /// malformed.
+    fn release(&mut self, plugin: &SanitizerLoaded, text: String) -> Result<String, Fault> {
+        self.released = self.released.saturating_add(text.len());
+        let allowed = self
+            .fed
+            .saturating_mul(RELEASE_FACTOR)
+            .saturating_add(RELEASE_SLACK);
+        if self.released > allowed {
+            return Err(plugin.fault(FaultKind::Malformed, Some(&self.request_id)));
+        }
+        Ok(text)
+    }
+
+    fn on_time<R>(
+        &self,
+        plugin: &SanitizerLoaded,
+        result: wasmtime::Result<R>,
+    ) -> Result<R, Fault> {
+        on_time(plugin, &self.store, Some(&self.request_id), result)
     }
 
     fn refusal(
@@ -576,16 +674,16 @@ impl SessionInner {
         &mut self,
         plugin: &SanitizerLoaded,
         input: InferenceInput,
-    ) -> Result<Result<Payload, Refusal>, Fault> {
-        runtime::arm(&mut self.store, plugin.limits);
-        let result = bindings::call_check_input(&self.instance, &mut self.store, &input)
-            .map_err(|e| self.failed(plugin, &e))?;
+    ) -> Result<Result<Checked, Refusal>, Fault> {
+        runtime::arm(&mut self.store, plugin.limits, input.payload.text_bytes());
+        let (payload, result) = bindings::call_check_input(&self.instance, &mut self.store, input);
+        let result = self.on_time(plugin, result)?;
         match result {
-            Ok(WitVerdict::Pass) => Ok(Ok(input.payload)),
+            Ok(WitVerdict::Pass) => Ok(Ok(Checked::Unchanged(payload))),
             Ok(WitVerdict::Rewrite(p)) => {
                 let p = bindings::payload_from(p);
-                if same_shape(&input.payload, &p) {
-                    Ok(Ok(p))
+                if same_shape(&payload, &p) {
+                    Ok(Ok(Checked::Rewritten(p)))
                 } else {
                     Err(plugin.fault(FaultKind::Malformed, Some(&self.request_id)))
                 }
@@ -599,11 +697,10 @@ impl SessionInner {
         plugin: &SanitizerLoaded,
         kind: InputKind,
     ) -> Result<OutputFilter, Fault> {
-        runtime::arm(&mut self.store, plugin.limits);
+        runtime::arm(&mut self.store, plugin.limits, 0);
         let api = bindings::sanitizer_filter(&self.instance);
-        api.call_constructor(&mut self.store, bindings::kind_to(kind))
-            .map(OutputFilter)
-            .map_err(|e| self.failed(plugin, &e))
+        let made = api.call_constructor(&mut self.store, bindings::kind_to(kind));
+        self.on_time(plugin, made).map(OutputFilter)
     }
 
     fn push(
@@ -612,13 +709,12 @@ impl SessionInner {
         filter: OutputFilter,
         chunk: &str,
     ) -> Result<Result<String, Refusal>, Fault> {
-        runtime::arm(&mut self.store, plugin.limits);
+        runtime::arm(&mut self.store, plugin.limits, chunk.len());
         let api = bindings::sanitizer_filter(&self.instance);
-        match api
-            .call_push(&mut self.store, filter.0, chunk)
-            .map_err(|e| self.failed(plugin, &e))?
-        {
-            Ok(text) => Ok(Ok(text)),
+        self.fed = self.fed.saturating_add(chunk.len());
+        let pushed = api.call_push(&mut self.store, filter.0, chunk);
+        match self.on_time(plugin, pushed)? {
+            Ok(text) => Ok(Ok(self.release(plugin, text)?)),
             Err(r) => Ok(Err(self.refusal(plugin, r)?)),
         }
     }
@@ -628,13 +724,11 @@ impl SessionInner {
         plugin: &SanitizerLoaded,
         filter: OutputFilter,
     ) -> Result<Result<String, Refusal>, Fault> {
-        runtime::arm(&mut self.store, plugin.limits);
+        runtime::arm(&mut self.store, plugin.limits, 0);
         let api = bindings::sanitizer_filter(&self.instance);
-        match api
-            .call_finish(&mut self.store, filter.0)
-            .map_err(|e| self.failed(plugin, &e))?
-        {
-            Ok(text) => Ok(Ok(text)),
+        let finished = api.call_finish(&mut self.store, filter.0);
+        match self.on_time(plugin, finished)? {
+            Ok(text) => Ok(Ok(self.release(plugin, text)?)),
             Err(r) => Ok(Err(self.refusal(plugin, r)?)),
         }
     }
@@ -749,6 +843,13 @@ impl std::fmt::Debug for Registry {
     }
 }
 
+/// Tell `sink` which plugins are live, so their fault counters exist at zero.
+fn announce(sink: &dyn FaultSink, set: &PluginSet) {
+    for status in set.describe() {
+        sink.plugin_live(status.slot, &status.plugin);
+    }
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -758,6 +859,7 @@ fn now_ms() -> u64 {
 impl Registry {
     /// A registry serving `set`; new plugins are compiled through `cache`.
     pub fn new(set: PluginSet, sink: Arc<dyn FaultSink>, cache: Option<DiskCache>) -> Self {
+        announce(&*sink, &set);
         Self {
             current: ArcSwap::from_pointee(set),
             sink,
@@ -922,6 +1024,7 @@ impl Registry {
                     *previous.slot(event.slot) = Some(live.get(event.slot));
                 }
             }
+            announce(&*self.sink, &next);
             self.current.store(Arc::new(next));
         }
         for event in events {
@@ -962,9 +1065,72 @@ impl Registry {
         let status = target.status(true);
         event.plugin = status.plugin.clone();
         event.new_sha256 = Some(status.sha256.clone());
-        self.current.store(Arc::new(live.with(target)));
+        let next = live.with(target);
+        announce(&*self.sink, &next);
+        self.current.store(Arc::new(next));
         *previous.slot(slot) = Some(old);
         self.record(event);
         Ok(status)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refusal(status: u16, code: &str, message: &str) -> Refusal {
+        Refusal {
+            status,
+            code: code.into(),
+            message: message.into(),
+        }
+    }
+
+    #[test]
+    fn only_well_formed_refusals_pass() {
+        assert!(valid_refusal(&refusal(
+            401,
+            "invalid_api_key",
+            "no\tsuch\nkey"
+        )));
+        assert!(valid_refusal(&refusal(499, "a.b-c_9", "")));
+        for bad in [
+            refusal(200, "ok", ""),
+            refusal(399, "x", ""),
+            refusal(500, "x", ""),
+            refusal(400, "", ""),
+            refusal(400, "two words", ""),
+            refusal(400, "new\nline", ""),
+            refusal(400, &"c".repeat(65), ""),
+            refusal(400, "x", &"m".repeat(4097)),
+            refusal(400, "x", "escape \u{1b}[2J"),
+            refusal(400, "x", "nul \0"),
+        ] {
+            assert!(!valid_refusal(&bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn principals_are_bounded_and_printable() {
+        let ok = Principal {
+            id: "key-1".into(),
+            tenant: Some("acme".into()),
+            scopes: vec!["inference".into()],
+        };
+        assert!(valid_principal(&ok));
+        let with = |f: &dyn Fn(&mut Principal)| {
+            let mut p = ok.clone();
+            f(&mut p);
+            valid_principal(&p)
+        };
+        assert!(!with(&|p| p.id = String::new()));
+        assert!(!with(&|p| p.id = "i".repeat(257)));
+        assert!(!with(&|p| p.id = "a\nb".into()));
+        assert!(!with(&|p| p.tenant = Some("x\"} 1\nforged 1".into())));
+        assert!(!with(&|p| p.tenant = Some("t".repeat(MAX_LABEL_VALUE + 1))));
+        assert!(!with(&|p| p.scopes = vec!["s".into(); MAX_SCOPES + 1]));
+        assert!(!with(&|p| p.scopes = vec![String::new()]));
+        // Quotes and braces are fine: the exposition escapes them.
+        assert!(with(&|p| p.tenant = Some("x\"} 1".into())));
     }
 }

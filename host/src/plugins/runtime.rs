@@ -16,7 +16,7 @@ use std::hash::{Hash, Hasher};
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock, mpsc};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
@@ -33,16 +33,24 @@ pub const MAX_MEMORY_BYTES: usize = 256 << 20;
 /// Plugin calls waiting for a plugin thread; beyond this a call fails as `unavailable`.
 const CALL_QUEUE: usize = 1024;
 
-/// Most log lines one plugin call may write; further lines are dropped.
+/// Most log lines one plugin instance may write; further lines are dropped.
 const MAX_LOG_LINES_PER_STORE: u32 = 32;
-/// Longest log line kept, in bytes.
+/// Most log lines one plugin may write per second over all its instances; the lines past
+/// that are dropped and counted, and the count is logged once the second is over.
+const MAX_LOG_LINES_PER_SECOND: u32 = 100;
+/// Longest log line kept, in bytes (before escaping).
 const MAX_LOG_LINE: usize = 512;
 
 /// Bounds on every call into one plugin.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
-    /// Wall-clock budget per call (instantiation and configuration included).
+    /// Wall-clock budget per call (instantiation and configuration included). A call that
+    /// returns after it is a deadline fault, whatever it returned.
     pub deadline: Duration,
+    /// Added to the deadline of a call per MiB of client text it is given (a sanitizer's
+    /// input check), so that a large input the plugin documents as acceptable can be
+    /// served, while a small request keeps a short budget.
+    pub deadline_per_mib: Duration,
     /// Linear memory cap.
     pub memory_bytes: usize,
 }
@@ -51,15 +59,19 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             deadline: Duration::from_millis(10),
+            deadline_per_mib: Duration::ZERO,
             memory_bytes: 16 << 20,
         }
     }
 }
 
 impl Limits {
-    fn deadline_ticks(&self) -> u64 {
-        let ticks = self.deadline.as_micros().div_ceil(EPOCH_TICK.as_micros());
-        u64::try_from(ticks).unwrap_or(u64::MAX).max(1)
+    /// The budget of a call given `bytes` of client text.
+    pub fn deadline_for(&self, bytes: usize) -> Duration {
+        self.deadline
+            + self
+                .deadline_per_mib
+                .mul_f64(bytes as f64 / (1 << 20) as f64)
     }
 }
 
@@ -94,15 +106,52 @@ impl wasmtime::ResourceLimiter for MemoryCap {
     }
 }
 
+/// A plugin's log allowance per second, shared by all its instances, so that no number of
+/// requests lets it flood the host's log.
+#[derive(Debug, Default)]
+pub struct LogBudget {
+    /// (second the window started, lines written in it, lines dropped in it)
+    window: Mutex<(u64, u32, u64)>,
+}
+
+impl LogBudget {
+    /// Whether one more line may be written now. Returns the lines dropped in the previous
+    /// window when a new one opens, so the caller can say so once.
+    fn take(&self) -> (bool, u64) {
+        let second = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let mut w = self.window.lock().unwrap_or_else(|e| e.into_inner());
+        let mut dropped_before = 0;
+        if w.0 != second {
+            dropped_before = w.2;
+            *w = (second, 0, 0);
+        }
+        if w.1 < MAX_LOG_LINES_PER_SECOND {
+            w.1 += 1;
+            (true, dropped_before)
+        } else {
+            w.2 += 1;
+            (false, dropped_before)
+        }
+    }
+}
+
 /// The data of one plugin [`Store`].
 pub struct PluginState {
     wasi: WasiCtx,
     table: ResourceTable,
     memory: MemoryCap,
+    clock: super::wasi::VirtualClock,
     plugin: Arc<str>,
     slot: Slot,
     request_id: Option<Arc<str>>,
     log_lines: u32,
+    log_budget: Arc<LogBudget>,
+    /// When the current call's budget ends (wall clock).
+    deadline_at: Instant,
+    /// Set when the epoch callback interrupted the guest for its deadline.
+    timed_out: bool,
 }
 
 impl WasiView for PluginState {
@@ -114,20 +163,74 @@ impl WasiView for PluginState {
     }
 }
 
+/// Whether `c` must not reach a log line as it is: control characters (line breaks and
+/// terminal escapes among them), Unicode line and paragraph separators, and the
+/// bidirectional overrides that can make a line read differently from what it says.
+fn unsafe_in_log(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{2028}' | '\u{2029}' | '\u{200e}' | '\u{200f}' | '\u{061c}'
+        )
+        || ('\u{202a}'..='\u{202e}').contains(&c)
+        || ('\u{2066}'..='\u{2069}').contains(&c)
+}
+
+/// `message` cut to at most `max` bytes (at a character boundary) with every character of
+/// [`unsafe_in_log`] escaped (`\n`, `\r`, `\t`, `\u{1b}`), so that one call is one line and
+/// nothing in it can pass for another line or another writer.
+pub fn escape_log_message(message: &str, max: usize) -> String {
+    let mut end = message.len().min(max);
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    let truncated = end < message.len();
+    let message = &message[..end];
+    let mut out = String::with_capacity(message.len());
+    for c in message.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if unsafe_in_log(c) => out.push_str(&format!("\\u{{{:x}}}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    if truncated {
+        out.push('…');
+    }
+    out
+}
+
 impl PluginState {
-    /// A line from the guest's `log` import, attributed and bounded.
+    /// The instance's virtual clock and its resource table.
+    pub(super) fn clock_and_table(
+        &mut self,
+    ) -> (&mut super::wasi::VirtualClock, &mut ResourceTable) {
+        (&mut self.clock, &mut self.table)
+    }
+
+    /// A line from the guest's `log` import, attributed, escaped and bounded.
     pub(super) fn guest_log(&mut self, level: tracing::Level, message: &str) {
         if self.log_lines >= MAX_LOG_LINES_PER_STORE {
             return;
         }
         self.log_lines += 1;
-        let mut end = message.len().min(MAX_LOG_LINE);
-        while !message.is_char_boundary(end) {
-            end -= 1;
-        }
-        let message = &message[..end];
         let plugin = &*self.plugin;
         let slot = self.slot.as_str();
+        let (allowed, dropped) = self.log_budget.take();
+        if dropped > 0 {
+            tracing::warn!(
+                plugin,
+                slot,
+                dropped,
+                "a plugin logged more than {MAX_LOG_LINES_PER_SECOND} lines in a second; the rest were dropped"
+            );
+        }
+        if !allowed {
+            return;
+        }
+        let message = escape_log_message(message, MAX_LOG_LINE);
         let request_id = self.request_id.as_deref().unwrap_or("-");
         match level {
             tracing::Level::ERROR => tracing::error!(plugin, slot, request_id, "{message}"),
@@ -236,20 +339,25 @@ impl Runtime {
             .wasm_component_model(true)
             .epoch_interruption(true)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
-            .memory_reservation(MAX_MEMORY_BYTES as u64)
+            .memory_reservation(4 << 30)
             .memory_guard_size(32 << 20)
             .memory_reservation_for_growth(0);
         let engine = Engine::new(&config)?;
         let mut linker = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
+        super::wasi::add_to_linker(&mut linker)?;
         super::bindings::add_host_to_linker(&mut linker)?;
 
+        // Each tick makes every running guest check its wall-clock deadline (see
+        // [`Runtime::store`]): a ticker that falls behind on a loaded machine delays the
+        // check, never moves the deadline.
         let weak = engine.weak();
         std::thread::Builder::new()
             .name("warden-epoch".into())
             .spawn(move || {
                 while let Some(engine) = weak.upgrade() {
-                    engine.increment_epoch();
+                    if !EPOCH_HELD.load(std::sync::atomic::Ordering::Relaxed) {
+                        engine.increment_epoch();
+                    }
                     drop(engine);
                     std::thread::sleep(EPOCH_TICK);
                 }
@@ -338,35 +446,72 @@ impl Runtime {
         }
     }
 
-    /// A fresh store for one plugin instance: no WASI capabilities, a memory cap, and the
-    /// epoch deadline armed for the first call.
+    /// A fresh store for one plugin instance: no WASI capabilities, a memory cap, a cap
+    /// on what one call may hand the host, and the deadline armed for the first call.
     pub(super) fn store(
         &self,
-        slot: Slot,
-        plugin: &Arc<str>,
+        tag: &StoreTag,
         limits: Limits,
         request_id: Option<&Arc<str>>,
     ) -> Store<PluginState> {
         let state = PluginState {
             // Grants nothing: no preopened directories, no environment, no arguments,
-            // stdio to nowhere, and every socket address denied.
-            wasi: WasiCtx::builder().build(),
+            // stdio to nowhere, no network (see `wasi.rs`), a wall clock in whole seconds.
+            wasi: WasiCtx::builder()
+                .wall_clock(super::wasi::CoarseWallClock)
+                .max_random_size(super::wasi::MAX_RANDOM_BYTES)
+                .build(),
             table: ResourceTable::new(),
             memory: MemoryCap {
                 cap: limits.memory_bytes,
                 exceeded: false,
             },
-            plugin: plugin.clone(),
-            slot,
+            clock: super::wasi::VirtualClock::default(),
+            plugin: tag.plugin.clone(),
+            slot: tag.slot,
             request_id: request_id.cloned(),
             log_lines: 0,
+            log_budget: tag.log.clone(),
+            deadline_at: Instant::now() + limits.deadline,
+            timed_out: false,
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.memory);
-        store.epoch_deadline_trap();
-        store.set_epoch_deadline(limits.deadline_ticks());
+        // Results are lifted into host memory: bound what one call may produce, so that a
+        // list whose elements all alias one large string cannot make the host allocate
+        // without limit.
+        store.set_hostcall_fuel(tag.slot.result_bytes(limits));
+        // The epoch only wakes this check; the deadline itself is the wall clock.
+        store.epoch_deadline_callback(|mut ctx| {
+            let state = ctx.data_mut();
+            if Instant::now() >= state.deadline_at {
+                state.timed_out = true;
+                Ok(wasmtime::UpdateDeadline::Interrupt)
+            } else {
+                Ok(wasmtime::UpdateDeadline::Continue(1))
+            }
+        });
+        store.set_epoch_deadline(1);
         store
     }
+}
+
+/// Stops the epoch ticker while `true`: guests then run on past their deadline, and only
+/// the wall-clock check when a call returns can catch them. For tests of that check.
+static EPOCH_HELD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Hold (or release) the epoch ticker, for tests of late answers. Never in production.
+#[doc(hidden)]
+pub fn hold_epoch_for_tests(held: bool) {
+    EPOCH_HELD.store(held, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// What every store of one plugin shares: who it is, and its log allowance.
+#[derive(Debug, Clone)]
+pub(super) struct StoreTag {
+    pub(super) slot: Slot,
+    pub(super) plugin: Arc<str>,
+    pub(super) log: Arc<LogBudget>,
 }
 
 /// Compiled components on disk. Files are named by the engine's compatibility hash and
@@ -486,21 +631,44 @@ impl DiskCache {
     }
 }
 
-/// Re-arm the deadline before another call on a live store.
-pub(super) fn arm(store: &mut Store<PluginState>, limits: Limits) {
-    store.set_epoch_deadline(limits.deadline_ticks());
+/// Re-arm the deadline before another call on a live store, one given `bytes` of client
+/// text (see [`Limits::deadline_for`]).
+pub(super) fn arm(store: &mut Store<PluginState>, limits: Limits, bytes: usize) {
+    store.data_mut().deadline_at = Instant::now() + limits.deadline_for(bytes);
+    store.set_epoch_deadline(1);
+}
+
+/// Whether the call that just returned on `store` came back after its deadline. Such an
+/// answer is never used: the plugin thread may have been held up by the machine rather
+/// than the plugin, but a verdict that arrives late is a fault either way, and treating
+/// it as one is the only rule that cannot be gamed.
+pub(super) fn late(store: &Store<PluginState>) -> bool {
+    Instant::now() > store.data().deadline_at
 }
 
 /// Name a failed call's fault.
 pub(super) fn classify(store: &Store<PluginState>, error: &wasmtime::Error) -> FaultKind {
-    if store.data().memory.exceeded {
+    let state = store.data();
+    if state.memory.exceeded {
         return FaultKind::Memory;
+    }
+    if state.timed_out || late(store) {
+        return FaultKind::Deadline;
     }
     match error.downcast_ref::<wasmtime::Trap>() {
         Some(wasmtime::Trap::Interrupt) => FaultKind::Deadline,
         Some(_) => FaultKind::Trap,
+        None if unliftable(error) => FaultKind::Malformed,
+        None if format!("{error:#}").contains(super::wasi::NO_WAITING) => FaultKind::Blocked,
         None => FaultKind::Trap,
     }
+}
+
+/// Whether `error` says the guest's result could not be lifted into the host: larger than
+/// the hostcall fuel allows, or not valid UTF-8. wasmtime reports these as plain errors.
+fn unliftable(error: &wasmtime::Error) -> bool {
+    let text = format!("{error:#}");
+    text.contains("fuel allocated for hostcalls") || text.contains("utf-8")
 }
 
 /// Build a fault, log it once and report it to the sink.
@@ -530,6 +698,36 @@ pub(super) fn fault(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_messages_are_one_line_and_nothing_else() {
+        let forged = "ok\n2026-12-01T00:00:00Z  INFO warden::audit: plugin change accepted\r\u{1b}[2J\u{2028}\u{202e}end\t.";
+        let line = escape_log_message(forged, 512);
+        assert_eq!(
+            line,
+            "ok\\n2026-12-01T00:00:00Z  INFO warden::audit: plugin change accepted\\r\\u{1b}[2J\\u{2028}\\u{202e}end\\t."
+        );
+        assert!(!line.chars().any(unsafe_in_log));
+        // Cut at a character boundary, and said so.
+        let cut = escape_log_message(&"é".repeat(300), 511);
+        assert_eq!(cut, format!("{}…", "é".repeat(255)));
+        assert_eq!(escape_log_message("plain", 512), "plain");
+    }
+
+    #[test]
+    fn a_plugins_log_budget_is_per_second() {
+        let budget = LogBudget::default();
+        let allowed = (0..MAX_LOG_LINES_PER_SECOND + 50)
+            .filter(|_| budget.take().0)
+            .count();
+        // Unless the second turned over mid-way, exactly the budget is allowed.
+        assert!(
+            allowed == MAX_LOG_LINES_PER_SECOND as usize
+                || allowed > MAX_LOG_LINES_PER_SECOND as usize
+                    && allowed <= 2 * MAX_LOG_LINES_PER_SECOND as usize,
+            "{allowed}"
+        );
+    }
 
     #[cfg(unix)]
     #[test]

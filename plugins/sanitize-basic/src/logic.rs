@@ -59,7 +59,8 @@ impl PiiPolicy {
         }
         let mut out: Option<String> = None;
         let mut copied = 0;
-        for cluster in pii::clusters(text) {
+        for cluster in pii::scan(text).filter(|c| c.candidate) {
+            let cluster = cluster.range;
             for (range, kind) in pii::find_in_cluster(&text[cluster.clone()]) {
                 match self.action(kind) {
                     Action::Off => {}
@@ -145,12 +146,46 @@ impl Refused {
     }
 }
 
+/// Where the first control character other than tab, line feed and carriage return
+/// starts. Control characters are C0 and DEL (one byte each) and C1 (U+0080..=U+009F,
+/// encoded 0xC2 0x80..=0x9F), so bytes are scanned eight at a time for any byte below
+/// 0x20, 0x7F or 0xC2, and only such a word is looked at closely.
+fn first_control(bytes: &[u8]) -> Option<usize> {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    // Whether any byte of `w` is zero.
+    let has_zero = |w: u64| w.wrapping_sub(ONES) & !w & HIGH != 0;
+    let suspicious = |w: u64| {
+        // A byte below 0x20: (b - 0x20) borrows into the high bit only when b < 0x20,
+        // for bytes below 0x80 (bytes from 0x80 have the high bit set and are excluded).
+        let below_space = w.wrapping_sub(ONES * 0x20) & !w & HIGH != 0;
+        below_space || has_zero(w ^ (ONES * 0x7f)) || has_zero(w ^ (ONES * 0xc2))
+    };
+    let is_control = |i: usize| {
+        let b = bytes[i];
+        (b < 0x20 && !matches!(b, b'\t' | b'\n' | b'\r'))
+            || b == 0x7f
+            || (b == 0xc2 && bytes.get(i + 1).is_some_and(|n| (0x80..=0x9f).contains(n)))
+    };
+    let mut i = 0;
+    while i + 8 <= bytes.len() {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(&bytes[i..i + 8]);
+        if suspicious(u64::from_le_bytes(word))
+            && let Some(k) = (i..i + 8).find(|&k| is_control(k))
+        {
+            return Some(k);
+        }
+        i += 8;
+    }
+    (i..bytes.len()).find(|&k| is_control(k))
+}
+
 /// Why a text is refused outright, whatever the PII policy: NUL, ANSI escapes and other
 /// control characters except tab, line feed and carriage return.
 pub fn forbidden_character(text: &str) -> Option<String> {
-    let (at, c) = text
-        .char_indices()
-        .find(|&(_, c)| c.is_control() && !matches!(c, '\t' | '\n' | '\r'))?;
+    let at = first_control(text.as_bytes())?;
+    let c = text[at..].chars().next()?;
     Some(match c {
         '\0' => format!("contains a NUL character at byte {at}"),
         '\u{1b}' => format!("contains an ANSI escape sequence at byte {at}"),

@@ -46,7 +46,39 @@ impl PiiKind {
 }
 
 fn is_cluster_char(c: char) -> bool {
-    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '%' | '+' | '-' | '@' | '(' | ')')
+    c.is_ascii() && is_cluster_byte(c as u8)
+}
+
+/// A byte that is a cluster character.
+const IN: u8 = 1;
+/// A byte that makes its cluster a candidate: an ASCII digit or `@`.
+const CANDIDATE: u8 = 2;
+
+/// Cluster characters are all ASCII, so the scan works on bytes: a byte of a multi-byte
+/// UTF-8 character (0x80 and up) is never one.
+const fn class_table() -> [u8; 256] {
+    let mut t = [0; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        if c.is_ascii_alphanumeric()
+            || matches!(c, b'.' | b'_' | b'%' | b'+' | b'-' | b'@' | b'(' | b')')
+        {
+            t[b] = IN;
+        }
+        if c.is_ascii_digit() || c == b'@' {
+            t[b] |= CANDIDATE;
+        }
+        b += 1;
+    }
+    t
+}
+
+static CLASS: [u8; 256] = class_table();
+
+#[inline]
+fn is_cluster_byte(b: u8) -> bool {
+    CLASS[usize::from(b)] & IN != 0
 }
 
 /// A space continues a cluster only between digit groups (`4111 1111`, `(555) 123`).
@@ -55,29 +87,57 @@ fn space_joins(prev: Option<char>, next: Option<char>) -> bool {
         && matches!(next, Some(c) if c.is_ascii_digit() || c == '(' || c == '+')
 }
 
+#[inline]
+fn space_joins_bytes(prev: u8, next: Option<u8>) -> bool {
+    (prev.is_ascii_digit() || prev == b')')
+        && matches!(next, Some(c) if c.is_ascii_digit() || c == b'(' || c == b'+')
+}
+
+/// One cluster, and whether it could hold a secret at all: every secret has an `@` (an
+/// address) or digits (the rest), so a cluster with neither is skipped without a look.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cluster {
+    /// Byte range in the text.
+    pub range: Range<usize>,
+    /// Whether it contains `@` or an ASCII digit.
+    pub candidate: bool,
+}
+
+/// The clusters of `text`, in order, found in one pass over its bytes.
+pub fn scan(text: &str) -> impl Iterator<Item = Cluster> + '_ {
+    let b = text.as_bytes();
+    let mut i = 0;
+    std::iter::from_fn(move || {
+        while i < b.len() && !is_cluster_byte(b[i]) {
+            i += 1;
+        }
+        if i >= b.len() {
+            return None;
+        }
+        let start = i;
+        let mut flags = 0;
+        while i < b.len() {
+            let c = b[i];
+            let class = CLASS[usize::from(c)];
+            if class & IN != 0 {
+                flags |= class;
+                i += 1;
+            } else if c == b' ' && space_joins_bytes(b[i - 1], b.get(i + 1).copied()) {
+                i += 1;
+            } else {
+                break;
+            }
+        }
+        Some(Cluster {
+            range: start..i,
+            candidate: flags & CANDIDATE != 0,
+        })
+    })
+}
+
 /// Byte ranges of the clusters of `text`, in order.
 pub fn clusters(text: &str) -> Vec<Range<usize>> {
-    let mut out = Vec::new();
-    let mut start: Option<usize> = None;
-    let mut prev: Option<char> = None;
-    let mut chars = text.char_indices().peekable();
-    while let Some((i, c)) = chars.next() {
-        let next = chars.peek().map(|&(_, n)| n);
-        let inside = is_cluster_char(c) || (c == ' ' && start.is_some() && space_joins(prev, next));
-        match (inside, start) {
-            (true, None) => start = Some(i),
-            (false, Some(s)) => {
-                out.push(s..i);
-                start = None;
-            }
-            _ => {}
-        }
-        prev = Some(c);
-    }
-    if let Some(s) = start {
-        out.push(s..text.len());
-    }
-    out
+    scan(text).map(|c| c.range).collect()
 }
 
 /// Where the text after the last *closed* cluster begins: everything before it is final,
@@ -128,6 +188,11 @@ fn is_domain_char(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-')
 }
 
+/// Longest local part (RFC 5321) and domain (RFC 1035) an address is looked for in, so
+/// that a cluster of many `@` costs linear time, not quadratic.
+const MAX_LOCAL: usize = 64;
+const MAX_DOMAIN: usize = 255;
+
 fn emails(s: &str) -> Vec<(Range<usize>, PiiKind)> {
     let b = s.as_bytes();
     let mut out = Vec::new();
@@ -136,15 +201,17 @@ fn emails(s: &str) -> Vec<(Range<usize>, PiiKind)> {
         if at < from {
             continue;
         }
+        let floor = from.max(at.saturating_sub(MAX_LOCAL));
         let mut start = at;
-        while start > from && is_local_char(b[start - 1]) {
+        while start > floor && is_local_char(b[start - 1]) {
             start -= 1;
         }
         while start < at && b[start] == b'.' {
             start += 1;
         }
+        let ceiling = b.len().min(at + 1 + MAX_DOMAIN);
         let mut end = at + 1;
-        while end < b.len() && is_domain_char(b[end]) {
+        while end < ceiling && is_domain_char(b[end]) {
             end += 1;
         }
         while end > at + 1 && matches!(b[end - 1], b'.' | b'-') {
@@ -169,13 +236,68 @@ fn memchr_all(b: &[u8], needle: u8) -> impl Iterator<Item = usize> + '_ {
         .map(|(i, _)| i)
 }
 
-/// A run of digit blocks joined by short separators, e.g. `+1 (555) 123-4567`.
+/// Most digits a secret has (a 19-digit card); a run's digits past this are counted, not
+/// kept, since no longer run is a secret.
+const MAX_DIGITS: usize = 19;
+
+/// A run of digit blocks joined by short separators, e.g. `+1 (555) 123-4567`, described
+/// by what [`classify`] needs, without a heap allocation.
 struct DigitRun {
     range: Range<usize>,
-    digits: Vec<u8>,
-    blocks: Vec<usize>,
-    separators: Vec<String>,
+    /// The first [`MAX_DIGITS`] digits, and how many there are in all.
+    digits: [u8; MAX_DIGITS],
+    n_digits: usize,
+    /// The first three block lengths, how many blocks, and the longest.
+    first_blocks: [usize; 3],
+    n_blocks: usize,
+    longest_block: usize,
+    /// Whether every separator is `-`; `-` or a space; `.`.
+    seps_dash: bool,
+    seps_dash_or_space: bool,
+    seps_dot: bool,
     plus: bool,
+}
+
+impl DigitRun {
+    fn new(start: usize, plus: bool) -> Self {
+        Self {
+            range: start..start,
+            digits: [0; MAX_DIGITS],
+            n_digits: 0,
+            first_blocks: [0; 3],
+            n_blocks: 0,
+            longest_block: 0,
+            seps_dash: true,
+            seps_dash_or_space: true,
+            seps_dot: true,
+            plus,
+        }
+    }
+
+    fn digit(&mut self, d: u8) {
+        if self.n_digits < MAX_DIGITS {
+            self.digits[self.n_digits] = d;
+        }
+        self.n_digits += 1;
+    }
+
+    fn block(&mut self, len: usize) {
+        if self.n_blocks < 3 {
+            self.first_blocks[self.n_blocks] = len;
+        }
+        self.n_blocks += 1;
+        self.longest_block = self.longest_block.max(len);
+    }
+
+    fn separator(&mut self, sep: &[u8]) {
+        self.seps_dash &= sep == b"-";
+        self.seps_dash_or_space &= sep == b"-" || sep == b" ";
+        self.seps_dot &= sep == b".";
+    }
+
+    fn digits(&self) -> &[u8] {
+        &self.digits[..self.n_digits.min(MAX_DIGITS)]
+    }
 }
 
 fn is_sep(b: u8) -> bool {
@@ -199,20 +321,14 @@ fn digit_runs(s: &str) -> Vec<DigitRun> {
             i += 1;
             continue;
         }
-        let mut run = DigitRun {
-            range: start..start,
-            digits: Vec::new(),
-            blocks: Vec::new(),
-            separators: Vec::new(),
-            plus,
-        };
+        let mut run = DigitRun::new(start, plus);
         loop {
             let block_start = j;
             while j < b.len() && b[j].is_ascii_digit() {
-                run.digits.push(b[j] - b'0');
+                run.digit(b[j] - b'0');
                 j += 1;
             }
-            run.blocks.push(j - block_start);
+            run.block(j - block_start);
             run.range.end = j;
             // Up to two separator characters, then another block.
             let mut k = j;
@@ -220,7 +336,7 @@ fn digit_runs(s: &str) -> Vec<DigitRun> {
                 k += 1;
             }
             if k > j && k < b.len() && b[k].is_ascii_digit() {
-                run.separators.push(s[j..k].to_string());
+                run.separator(&b[j..k]);
                 j = k;
             } else {
                 break;
@@ -260,12 +376,18 @@ fn luhn(digits: &[u8]) -> bool {
 }
 
 fn classify(run: &DigitRun, text: &str) -> Option<PiiKind> {
-    let n = run.digits.len();
-    let seps_are = |allowed: &[&str]| run.separators.iter().all(|s| allowed.contains(&s.as_str()));
-    if run.blocks == [3, 2, 4] && seps_are(&["-"]) && !run.plus && !text.starts_with('(') {
-        let area = &run.digits[0..3];
-        let group = &run.digits[3..5];
-        let serial = &run.digits[5..9];
+    let n = run.n_digits;
+    let separated = run.n_blocks > 1;
+    if run.n_blocks == 3
+        && run.first_blocks == [3, 2, 4]
+        && run.seps_dash
+        && !run.plus
+        && !text.starts_with('(')
+    {
+        let d = run.digits();
+        let area = &d[0..3];
+        let group = &d[3..5];
+        let serial = &d[5..9];
         let valid = area != [0, 0, 0]
             && area != [6, 6, 6]
             && area[0] != 9
@@ -273,12 +395,11 @@ fn classify(run: &DigitRun, text: &str) -> Option<PiiKind> {
             && serial != [0, 0, 0, 0];
         return valid.then_some(PiiKind::Ssn);
     }
-    if (13..=19).contains(&n) && !run.plus && seps_are(&[" ", "-"]) && luhn(&run.digits) {
+    if (13..=19).contains(&n) && !run.plus && run.seps_dash_or_space && luhn(run.digits()) {
         return Some(PiiKind::Card);
     }
-    let ipv4_like = run.blocks.len() == 4 && seps_are(&["."]);
-    let short_blocks = run.blocks.iter().all(|&b| b <= 4);
-    let separated = !run.separators.is_empty();
+    let ipv4_like = run.n_blocks == 4 && run.seps_dot;
+    let short_blocks = run.longest_block <= 4;
     if (10..=15).contains(&n) && !ipv4_like && (run.plus || (separated && short_blocks)) {
         return Some(PiiKind::Phone);
     }
@@ -315,6 +436,14 @@ mod tests {
             [("john.doe+x@mail.example.com".to_string(), PiiKind::Email)]
         );
         assert!(kinds("an @ sign, user@localhost, a@b.c").is_empty());
+    }
+
+    #[test]
+    fn many_at_signs_cost_linear_time() {
+        let text = "a@".repeat(128 * 1024);
+        let started = std::time::Instant::now();
+        assert!(kinds(&text).is_empty());
+        assert!(started.elapsed() < std::time::Duration::from_secs(2));
     }
 
     #[test]
@@ -364,6 +493,46 @@ mod tests {
             "call 555-1234",
         ] {
             assert!(kinds(t).is_empty(), "{t}: {:?}", kinds(t));
+        }
+    }
+
+    /// The char-by-char definition of clusters that [`scan`] must agree with.
+    fn clusters_by_chars(text: &str) -> Vec<Range<usize>> {
+        let mut out = Vec::new();
+        let mut start: Option<usize> = None;
+        let mut prev: Option<char> = None;
+        let mut chars = text.char_indices().peekable();
+        while let Some((i, c)) = chars.next() {
+            let next = chars.peek().map(|&(_, n)| n);
+            let inside =
+                is_cluster_char(c) || (c == ' ' && start.is_some() && space_joins(prev, next));
+            match (inside, start) {
+                (true, None) => start = Some(i),
+                (false, Some(s)) => {
+                    out.push(s..i);
+                    start = None;
+                }
+                _ => {}
+            }
+            prev = Some(c);
+        }
+        if let Some(s) = start {
+            out.push(s..text.len());
+        }
+        out
+    }
+
+    #[test]
+    fn the_byte_scan_agrees_with_the_char_definition() {
+        for t in [
+            "hi 4111 1111 x (555) 123 y",
+            "é4 5é (5) +4 a@b.co  9 9",
+            " 1 ",
+            "1 ",
+            "ü 1 2 ",
+            "",
+        ] {
+            assert_eq!(clusters(t), clusters_by_chars(t), "{t:?}");
         }
     }
 
