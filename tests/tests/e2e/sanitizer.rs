@@ -149,3 +149,43 @@ async fn output_filter_redacts_secrets_split_across_chunks() {
     assert_eq!(out, "mail a@example.org now");
     t.server.shutdown().await;
 }
+
+/// English prose with a date, an address, a phone number and a figure in every sentence:
+/// the sanitizer's slowest kind of input.
+fn dense_prose(bytes: usize) -> String {
+    let sentence = "The quarterly report was sent to finance on 2024-03-15; questions go to \
+                    jane.doe@example.com or +1 (555) 123-4567, and the total was 48,210 units. ";
+    let mut text = sentence.repeat(bytes / sentence.len() + 1);
+    text.truncate(bytes);
+    text
+}
+
+#[tokio::test]
+async fn the_documented_limits_are_served_within_the_default_deadline() {
+    // The sanitizer's default bounds, not the suite's generous ones.
+    let mut c = config();
+    let defaults = warden::config::SlotConfig::default();
+    c.plugins.sanitizer.deadline_ms = defaults.deadline_ms;
+    c.plugins.sanitizer.deadline_ms_per_mib = None;
+    let t = start(c).await;
+    // Eight inputs just under the plugin's 256 KiB per input, as large as a 2 MiB body allows.
+    let inputs = vec![dense_prose(256 * 1024 - 128); 8];
+    let r = t
+        .embed(json!({"model": "all-MiniLM-L6-v2", "input": inputs}))
+        .await;
+    assert_eq!(r.status, 200, "{}", &r.text[..r.text.len().min(400)]);
+    assert_eq!(r.json()["data"].as_array().unwrap().len(), 8);
+    // One input over its limit is the plugin's 400, not a 503.
+    let r = t
+        .embed(json!({"model": "all-MiniLM-L6-v2", "input": dense_prose(256 * 1024 + 1)}))
+        .await;
+    assert_eq!(r.error(400)["code"], "input_too_long");
+    assert_eq!(
+        t.server
+            .state()
+            .metrics
+            .fault_count("sanitizer", "deadline"),
+        0
+    );
+    t.server.shutdown().await;
+}
