@@ -192,6 +192,8 @@ pub struct Config {
     pub admin_token: Option<Secret>,
     /// Where compiled plugins are cached; empty turns the disk cache off.
     pub cache_dir: PathBuf,
+    /// File every plugin change is appended to (JSON lines); empty turns it off.
+    pub audit_log: PathBuf,
 }
 
 impl Default for Config {
@@ -215,6 +217,7 @@ impl Default for Config {
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
             admin_token: None,
             cache_dir: PathBuf::from(".warden/cache"),
+            audit_log: PathBuf::from(".warden/audit.jsonl"),
         }
     }
 }
@@ -440,6 +443,7 @@ impl Config {
         check("admin_listen", self.admin_listen != other.admin_listen);
         check("admin_token", self.admin_token != other.admin_token);
         check("cache_dir", self.cache_dir != other.cache_dir);
+        check("audit_log", self.audit_log != other.audit_log);
         changed
     }
 
@@ -526,6 +530,10 @@ pub struct ServeArgs {
     /// Compiled-plugin cache directory; empty turns it off [default: .warden/cache].
     #[arg(long, env = "WARDEN_CACHE_DIR")]
     pub cache_dir: Option<PathBuf>,
+    /// File every plugin change is appended to; empty turns it off
+    /// [default: .warden/audit.jsonl].
+    #[arg(long, env = "WARDEN_AUDIT_LOG")]
+    pub audit_log: Option<PathBuf>,
     /// auth plugin: component file, relative to the plugin directory.
     #[arg(long = "auth-plugin", env = "WARDEN_AUTH_PLUGIN", value_name = "FILE")]
     pub auth_plugin: Option<PathBuf>,
@@ -710,6 +718,7 @@ impl ServeArgs {
         set_some(&mut config.generated_key_file, this.generated_key_file);
         set_some(&mut config.admin_listen, this.admin_listen);
         set_some(&mut config.cache_dir, this.cache_dir);
+        set_some(&mut config.audit_log, this.audit_log);
         set_some(&mut config.body_limit_bytes, this.body_limit_bytes);
         set_some(&mut config.header_limit_bytes, this.header_limit_bytes);
         set_some(&mut config.header_timeout_secs, this.header_timeout_secs);

@@ -93,13 +93,27 @@ fn generated_key(path: &Path) -> Result<String, KeyError> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| err(e.kind().to_string()))?;
     }
+    // Written whole to a temporary file and linked into place, so that a crash never
+    // leaves a half-written key and two processes starting at once agree on one key.
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
     let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
+    options.write(true).create(true).truncate(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut file = options.open(path).map_err(|e| err(e.kind().to_string()))?;
-    file.write_all(key.as_bytes())
-        .map_err(|e| err(e.kind().to_string()))?;
+    let written = options
+        .open(&tmp)
+        .and_then(|mut file| {
+            file.write_all(key.as_bytes())?;
+            file.sync_all()
+        })
+        .and_then(|()| std::fs::hard_link(&tmp, path));
+    let _ = std::fs::remove_file(&tmp);
+    match written {
+        Ok(()) => {}
+        // Another process created it first: use its key.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return generated_key(path),
+        Err(e) => return Err(err(e.kind().to_string())),
+    }
     tracing::warn!(
         file = %crate::plugins::file_name(path),
         "no API key configured: generated one and wrote it to this file (owner-only; \

@@ -26,7 +26,9 @@ use breaker::Breaker;
 pub use config::Config;
 use engine::{EmbeddingsHandle, GenerateConfig, MiniLm, TextModel, WorkerConfig};
 use metrics::Metrics;
-use plugins::{DiskCache, PluginSet, PluginSource, PluginStatus, Registry, Slot, Trigger};
+use plugins::{
+    AuditLog, DiskCache, PluginSet, PluginSource, PluginStatus, Registry, Slot, Trigger,
+};
 
 /// The embedding model served by default: a directory of this name under `models_dir`.
 pub const EMBEDDING_MODEL: &str = "all-MiniLM-L6-v2";
@@ -216,7 +218,14 @@ pub enum StartError {
 
 /// The three slots' plugins as `config` names them, read from disk.
 fn plugin_sources(config: &Config) -> Result<Vec<PluginSource>, StartError> {
-    let auth_config = keys::auth_plugin_config(config)?;
+    configured_sources(config, keys::auth_plugin_config(config)?)
+}
+
+/// [`plugin_sources`], with the auth plugin's configuration already built.
+fn configured_sources(
+    config: &Config,
+    auth_config: String,
+) -> Result<Vec<PluginSource>, StartError> {
     Ok(vec![
         config.plugin_source(Slot::Auth, auth_config)?,
         config.plugin_source(Slot::Sanitizer, config.plugin_config_json(Slot::Sanitizer))?,
@@ -238,8 +247,30 @@ fn disk_cache(config: &Config) -> Option<DiskCache> {
         .ok()
 }
 
-fn load_plugins(config: &Config, metrics: Arc<Metrics>) -> Result<Registry, StartError> {
-    let sources = plugin_sources(config)?;
+/// The audit file, unless turned off; one that cannot be opened stops the start.
+fn audit_log(config: &Config) -> Result<Option<AuditLog>, StartError> {
+    if config.audit_log.as_os_str().is_empty() {
+        return Ok(None);
+    }
+    AuditLog::open(&config.audit_log)
+        .map(Some)
+        .map_err(StartError::Other)
+}
+
+/// What the start checks and creates before it listens: credentials (a generated key
+/// file is written here) and the audit file. Either failing stops the start with a clear
+/// error, never a server that listens and then cannot serve.
+struct Prepared {
+    auth_config: String,
+    audit_log: Option<AuditLog>,
+}
+
+fn load_plugins(
+    config: &Config,
+    metrics: Arc<Metrics>,
+    prepared: Prepared,
+) -> Result<Registry, StartError> {
+    let sources = configured_sources(config, prepared.auth_config)?;
     let cache = disk_cache(config);
     let set = PluginSet::load(
         &sources[0],
@@ -249,11 +280,15 @@ fn load_plugins(config: &Config, metrics: Arc<Metrics>) -> Result<Registry, Star
         cache.as_ref(),
     )?;
     tracing::info!(plugins = ?set, "plugins loaded");
-    Ok(Registry::new(set, metrics, cache))
+    Ok(Registry::new(set, metrics, cache).with_audit_log(prepared.audit_log))
 }
 
-fn load_services(config: &Config, metrics: Arc<Metrics>) -> Result<Services, StartError> {
-    let plugins = load_plugins(config, metrics.clone())?;
+fn load_services(
+    config: &Config,
+    metrics: Arc<Metrics>,
+    prepared: Prepared,
+) -> Result<Services, StartError> {
+    let plugins = load_plugins(config, metrics.clone(), prepared)?;
     let dir = config.models_dir.join(EMBEDDING_MODEL);
     let model = MiniLm::load(EMBEDDING_MODEL, &dir)?;
     let queue_timeout = Duration::from_millis(config.engine.queue_timeout_ms);
@@ -355,6 +390,10 @@ impl Server {
     /// [`Server::start`], with `reloader` giving the configuration a reload applies.
     pub async fn start_with(config: Config, reloader: Reloader) -> Result<Server, StartError> {
         config.validate()?;
+        let prepared = Prepared {
+            auth_config: keys::auth_plugin_config(&config)?,
+            audit_log: audit_log(&config)?,
+        };
         let (listener, addr) = bind(config.listen).await?;
         // Bound before anything loads, so that a taken port fails the start at once.
         let admin_listener = match &config.admin_token {
@@ -373,7 +412,7 @@ impl Server {
         let (ready_tx, ready) = watch::channel(None);
         let loading = state.clone();
         tokio::task::spawn_blocking(move || {
-            let result = load_services(&loading.config, loading.metrics.clone());
+            let result = load_services(&loading.config, loading.metrics.clone(), prepared);
             let outcome = match result {
                 Ok(services) => {
                     let _ = loading.services.set(services);

@@ -139,6 +139,60 @@ struct Serving {
 }
 
 impl Serving {
+    /// Start `warden serve --config CONFIG` with the test's credentials.
+    fn spawn(config: &Path) -> Self {
+        let mut child = Command::new(BIN)
+            .args(["--log-json", "serve", "--config", config.to_str().unwrap()])
+            .env("WARDEN_MODELS_DIR", models_dir())
+            .env("WARDEN_API_KEY", API_KEY)
+            .env("WARDEN_ADMIN_TOKEN", ADMIN_TOKEN)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn warden serve");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let value = serde_json::from_str(&line)
+                    .unwrap_or_else(|_| serde_json::json!({"fields": {"message": line}}));
+                if tx.send(value).is_err() {
+                    return;
+                }
+            }
+        });
+        Serving {
+            child,
+            lines,
+            log: Vec::new(),
+        }
+    }
+
+    /// The addresses of the API and the admin API, once the server is ready.
+    fn ready(&mut self) -> (String, String) {
+        let addr = self.wait_for("listening")["fields"]["addr"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let admin = self.wait_for("admin API listening")["fields"]["addr"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        self.wait_for("ready");
+        (addr, admin)
+    }
+
+    /// Kill the process without warning, as a crash or the OOM killer would.
+    fn kill(mut self) -> Vec<serde_json::Value> {
+        signal(&self.child, "KILL");
+        let _ = self.child.wait();
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(1)) {
+            self.log.push(line);
+        }
+        self.log
+    }
+
     /// Read the log up to the next line whose message is `message`.
     fn wait_for(&mut self, message: &str) -> serde_json::Value {
         let deadline = Instant::now() + Duration::from_secs(180);
@@ -178,50 +232,18 @@ async fn serve_reloads_on_sighup_and_stops_cleanly_on_sigterm() {
             &config,
             format!(
                 "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
-                 plugin_dir = \"{}\"\ncache_dir = \"{}\"\n\
+                 plugin_dir = \"{}\"\ncache_dir = \"{}\"\naudit_log = \"{}\"\n\
                  [plugins.sanitizer.config]\nmax_texts = {max_texts}\n",
                 plugins.display(),
-                dir.path().join("cache").display()
+                dir.path().join("cache").display(),
+                dir.path().join("audit.jsonl").display()
             ),
         )
         .unwrap();
     };
     write_config("4");
-    let mut child = Command::new(BIN)
-        .args(["--log-json", "serve", "--config", config.to_str().unwrap()])
-        .env("WARDEN_MODELS_DIR", models_dir())
-        .env("WARDEN_API_KEY", API_KEY)
-        .env("WARDEN_ADMIN_TOKEN", ADMIN_TOKEN)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn warden serve");
-    let stderr = child.stderr.take().unwrap();
-    let (tx, lines) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let value = serde_json::from_str(&line)
-                .unwrap_or_else(|_| serde_json::json!({"fields": {"message": line}}));
-            if tx.send(value).is_err() {
-                return;
-            }
-        }
-    });
-    let mut s = Serving {
-        child,
-        lines,
-        log: Vec::new(),
-    };
-    let addr = s.wait_for("listening")["fields"]["addr"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let admin = s.wait_for("admin API listening")["fields"]["addr"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    s.wait_for("ready");
+    let mut s = Serving::spawn(&config);
+    let (addr, admin) = s.ready();
 
     let client = reqwest::Client::new();
     let embed = |n: usize| {
@@ -308,4 +330,183 @@ async fn serve_reloads_on_sighup_and_stops_cleanly_on_sigterm() {
     // The compiled plugins were cached for the next start.
     let cached = std::fs::read_dir(dir.path().join("cache")).unwrap().count();
     assert_eq!(cached, 3);
+}
+
+/// `component` with a custom section appended: the same plugin, a different digest, so
+/// that loading it compiles anew.
+fn recompiled(component: &[u8], tag: &str) -> Vec<u8> {
+    let name = b"warden-test";
+    let mut payload = vec![u8::try_from(name.len()).unwrap()];
+    payload.extend_from_slice(name);
+    payload.extend_from_slice(tag.as_bytes());
+    let mut bytes = component.to_vec();
+    bytes.push(0); // custom section
+    let mut size = payload.len();
+    loop {
+        let byte = u8::try_from(size & 0x7f).unwrap();
+        size >>= 7;
+        bytes.push(if size == 0 { byte } else { byte | 0x80 });
+        if size == 0 {
+            break;
+        }
+    }
+    bytes.extend_from_slice(&payload);
+    bytes
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    let out = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            std::io::Write::write_all(child.stdin.as_mut().unwrap(), bytes)?;
+            drop(child.stdin.take());
+            child.wait_with_output()
+        })
+        .expect("sha256sum");
+    String::from_utf8(out.stdout).unwrap()[..64].to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_mid_swap_and_a_damaged_cache_leave_the_next_start_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = dir.path().join("plugins");
+    let cache = dir.path().join("cache");
+    std::fs::create_dir(&plugins).unwrap();
+    for p in ["auth-api-key", "sanitize-basic", "metrics-policy-basic"] {
+        std::fs::copy(component(p), plugins.join(format!("{p}.wasm"))).unwrap();
+    }
+    let sanitizer = std::fs::read(component("sanitize-basic")).unwrap();
+    let configured = sha256_hex(&sanitizer);
+    let config = dir.path().join("warden.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+             plugin_dir = \"{}\"\ncache_dir = \"{}\"\naudit_log = \"{}\"\n",
+            plugins.display(),
+            cache.display(),
+            dir.path().join("audit.jsonl").display()
+        ),
+    )
+    .unwrap();
+    let client = reqwest::Client::new();
+    let live_sanitizer = |admin: String| {
+        let client = client.clone();
+        async move {
+            let status: serde_json::Value = client
+                .get(format!("http://{admin}/admin/plugins"))
+                .bearer_auth(ADMIN_TOKEN)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            status["plugins"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|p| p["slot"] == "sanitizer")
+                .unwrap()["sha256"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        }
+    };
+    let embed = |addr: String| {
+        let client = client.clone();
+        async move {
+            client
+                .post(format!("http://{addr}/v1/embeddings"))
+                .bearer_auth(API_KEY)
+                .json(&serde_json::json!({"model": "all-MiniLM-L6-v2", "input": "a crash"}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    };
+
+    // Killed while a swap to a plugin never compiled before is under way.
+    let mut s = Serving::spawn(&config);
+    let (addr, admin) = s.ready();
+    assert_eq!(embed(addr).await, 200);
+    for round in 0..3 {
+        let file = format!("sanitize-basic-{round}.wasm");
+        let bytes = recompiled(&sanitizer, &round.to_string());
+        std::fs::write(plugins.join(&file), &bytes).unwrap();
+        let swap = client
+            .put(format!("http://{admin}/admin/plugins/sanitizer"))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&serde_json::json!({"path": file, "sha256": sha256_hex(&bytes)}))
+            .send();
+        let swap = tokio::spawn(swap);
+        // Part-way through compiling (a compile here takes several hundred ms).
+        tokio::time::sleep(Duration::from_millis(40 + 60 * round)).await;
+        s.kill();
+        assert!(
+            swap.await.unwrap().is_err(),
+            "the swap finished before the kill"
+        );
+        s = Serving::spawn(&config);
+        let (addr, admin) = s.ready();
+        assert_eq!(live_sanitizer(admin.clone()).await, configured);
+        assert_eq!(embed(addr).await, 200);
+        if round < 2 {
+            continue;
+        }
+        // Damage every compiled plugin in the cache: a flipped bit, a cut-off file.
+        s.kill();
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&cache)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "cwasm"))
+            .collect();
+        files.sort();
+        assert!(files.len() >= 3, "{files:?}");
+        for (i, file) in files.iter().enumerate() {
+            let mut bytes = std::fs::read(file).unwrap();
+            if i % 2 == 0 {
+                let middle = bytes.len() / 2;
+                bytes[middle] ^= 0x04;
+            } else {
+                bytes.truncate(bytes.len() * 2 / 3);
+            }
+            std::fs::write(file, &bytes).unwrap();
+        }
+        // And a temporary file a writer killed long ago left behind.
+        let stale = cache.join("0000000000000000-dead.tmp4242");
+        std::fs::write(&stale, b"partial").unwrap();
+        let status = Command::new("touch")
+            .args(["-d", "1 hour ago", stale.to_str().unwrap()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+
+        s = Serving::spawn(&config);
+        let (addr, admin) = s.ready();
+        assert_eq!(live_sanitizer(admin).await, configured);
+        assert_eq!(embed(addr).await, 200);
+        let log = s.kill();
+        let discarded = log
+            .iter()
+            .filter(|l| {
+                l["fields"]["message"] == "discarding a compiled plugin from the cache; recompiling"
+            })
+            .count();
+        assert_eq!(discarded, 3, "{log:#?}");
+        assert!(!stale.exists(), "the stale temporary file is still there");
+        // Recompiled and stored whole again: the next start reads them without complaint.
+        let mut s = Serving::spawn(&config);
+        s.ready();
+        let log = s.kill();
+        assert!(
+            !log.iter().any(|l| l["fields"]["message"]
+                == "discarding a compiled plugin from the cache; recompiling"),
+            "{log:#?}"
+        );
+        return;
+    }
 }

@@ -51,6 +51,8 @@ pub fn config() -> Config {
     };
     // Tests that exercise the disk cache set their own directory.
     config.cache_dir = PathBuf::new();
+    // Tests that read the audit file set their own.
+    config.audit_log = PathBuf::new();
     let ms = TEST_DEADLINE.as_millis() as u64;
     config.plugins.auth.deadline_ms = ms;
     config.plugins.sanitizer.deadline_ms = ms;

@@ -17,7 +17,7 @@ use std::sync::Arc;
 pub(crate) use loader::file_name;
 pub use loader::{Inspection, LoadError, PluginSource, inspect, versions_served};
 pub use registry::{
-    AUDIT_EVENTS_KEPT, AuditEvent, Checked, Outcome, OutputFilter, PluginSet, Registry,
+    AUDIT_EVENTS_KEPT, AuditEvent, AuditLog, Checked, Outcome, OutputFilter, PluginSet, Registry,
     SanitizerSession, Trigger, check,
 };
 pub use runtime::{DiskCache, Limits, MAX_MEMORY_BYTES, escape_log_message, hold_epoch_for_tests};

@@ -5,6 +5,7 @@
 //! off to the side first; a failure leaves the old set live.
 
 use std::collections::VecDeque;
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -809,8 +810,48 @@ pub struct AuditEvent {
     pub took_ms: f64,
 }
 
-/// Most audit events kept in memory (the log keeps them all).
+/// Most audit events kept in memory (the log and the audit file keep them all).
 pub const AUDIT_EVENTS_KEPT: usize = 256;
+
+/// The audit file: one JSON object per line, appended and flushed to disk for every
+/// change, readable by its owner only.
+pub struct AuditLog {
+    file: Mutex<std::fs::File>,
+    name: String,
+}
+
+impl AuditLog {
+    /// Open (creating it with mode 0600) the audit file at `path` for appending. Called
+    /// at start, before the server listens, so that an audit trail that cannot be written
+    /// stops the start with this error rather than losing events later.
+    pub fn open(path: &Path) -> Result<Self, String> {
+        let name = super::file_name(path);
+        let io = |e: std::io::Error| format!("audit log {name}: {}", e.kind());
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(io)?;
+        }
+        let mut options = std::fs::OpenOptions::new();
+        options.append(true).create(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let file = options.open(path).map_err(io)?;
+        Ok(Self {
+            file: Mutex::new(file),
+            name,
+        })
+    }
+
+    /// Append `event` and flush it to disk; a failure is logged as an error.
+    fn append(&self, event: &AuditEvent) {
+        let mut line = serde_json::to_vec(event).unwrap_or_default();
+        line.push(b'\n');
+        let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        let written = std::io::Write::write_all(&mut *file, &line).and_then(|()| file.sync_data());
+        if let Err(e) = written {
+            tracing::error!(file = %self.name, error = %e.kind(), "cannot append to the audit log");
+        }
+    }
+}
 
 /// Rollback targets: each slot's previous plugin.
 #[derive(Default)]
@@ -833,6 +874,7 @@ pub struct Registry {
     /// take it.
     previous: Mutex<Previous>,
     audit: Mutex<VecDeque<AuditEvent>>,
+    audit_log: Option<AuditLog>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -866,7 +908,14 @@ impl Registry {
             cache,
             previous: Mutex::new(Previous::default()),
             audit: Mutex::new(VecDeque::with_capacity(AUDIT_EVENTS_KEPT)),
+            audit_log: None,
         }
+    }
+
+    /// Also append every audit event to `log`.
+    pub fn with_audit_log(mut self, log: Option<AuditLog>) -> Self {
+        self.audit_log = log;
+        self
     }
 
     /// The set a new request should use, for the whole of that request.
@@ -918,6 +967,9 @@ impl Registry {
             "plugin change"
         );
         self.sink.swap(slot, trigger, outcome);
+        if let Some(log) = &self.audit_log {
+            log.append(&event);
+        }
         let mut audit = self.audit.lock().unwrap_or_else(|e| e.into_inner());
         if audit.len() == AUDIT_EVENTS_KEPT {
             audit.pop_front();

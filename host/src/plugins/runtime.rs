@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock, mpsc};
 use std::time::{Duration, Instant};
 
+use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
@@ -422,27 +423,34 @@ impl Runtime {
     }
 
     /// A compiled component from the disk cache; `None` (and the file removed) if it is
-    /// missing, unreadable or from another engine.
+    /// missing, unreadable, damaged or from another engine.
     fn load_cached(&self, path: &Path) -> Option<Component> {
-        if !path.is_file() {
-            return None;
-        }
-        // SAFETY: wasmtime requires that the file was produced by `Component::serialize`
-        // of a compatible engine and not altered since. Warden writes it (atomically, by
-        // rename) into a directory it created and that [`DiskCache::open`] checked is its
-        // own and not writable by group or others; [`DiskCache::trusted`] checked that this
-        // file is a regular file of that owner, writable by nobody else. wasmtime checks the
-        // header and engine settings and refuses anything else, which lands here as a
-        // recompile.
+        let discard = |why: &str| {
+            tracing::warn!(file = %file_name(path), error = why, "discarding a compiled plugin from the cache; recompiling");
+            let _ = std::fs::remove_file(path);
+            None
+        };
+        let bytes = match std::fs::read(path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+            Err(e) => return discard(&e.kind().to_string()),
+        };
+        let Some(code) = DiskCache::verified(&bytes) else {
+            return discard("its checksum does not match: the file is damaged");
+        };
+        // SAFETY: wasmtime requires that the bytes were produced by `Component::serialize`
+        // of a compatible engine and not altered since. Warden wrote them, followed by
+        // their sha256 (checked just above, so a torn write or a flipped bit is caught
+        // here), atomically by rename into a directory it created and that
+        // [`DiskCache::open`] checked is its own and not writable by group or others;
+        // [`DiskCache::trusted`] checked that this file is a regular file of that owner,
+        // writable by nobody else. wasmtime checks the header and engine settings and
+        // refuses anything else, which lands here as a recompile.
         #[allow(unsafe_code)]
-        let component = unsafe { Component::deserialize_file(&self.engine, path) };
+        let component = unsafe { Component::deserialize(&self.engine, code) };
         match component {
             Ok(c) => Some(c),
-            Err(e) => {
-                tracing::warn!(file = %file_name(path), error = %e, "discarding a compiled plugin from the cache");
-                let _ = std::fs::remove_file(path);
-                None
-            }
+            Err(e) => discard(&e.to_string()),
         }
     }
 
@@ -561,10 +569,12 @@ impl DiskCache {
                     "plugin cache directory {name} belongs to another user; choose another"
                 ));
             }
-            Ok(Self {
+            let cache = Self {
                 dir: dir.to_path_buf(),
                 owner: mine,
-            })
+            };
+            cache.remove_stale_temporaries();
+            Ok(cache)
         }
         #[cfg(not(unix))]
         Ok(Self {
@@ -607,13 +617,22 @@ impl DiskCache {
         ))
     }
 
-    /// Write `component` to `path` atomically; a failure only costs a recompile later.
+    /// The compiled code in a cache file's `bytes`, if its trailing sha256 matches.
+    fn verified(bytes: &[u8]) -> Option<&[u8]> {
+        let (code, sum) = bytes.split_at_checked(bytes.len().checked_sub(32)?)?;
+        (Sha256::digest(code).as_slice() == sum).then_some(code)
+    }
+
+    /// Write `component` to `path` atomically (a temporary file, flushed to disk, then
+    /// renamed), followed by its sha256; a failure only costs a recompile later.
     fn store(&self, path: &Path, component: &Component) {
+        let tmp = path.with_extension(format!("{TMP_EXTENSION}{}", std::process::id()));
         let written = component
             .serialize()
             .map_err(|e| e.to_string())
-            .and_then(|bytes| {
-                let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+            .and_then(|mut bytes| {
+                let sum = Sha256::digest(&bytes);
+                bytes.extend_from_slice(&sum);
                 let mut options = std::fs::OpenOptions::new();
                 options.write(true).create(true).truncate(true);
                 // Owner-only whatever the umask: `trusted` refuses files others may change.
@@ -621,15 +640,46 @@ impl DiskCache {
                 std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
                 options
                     .open(&tmp)
-                    .and_then(|mut f| std::io::Write::write_all(&mut f, &bytes))
+                    .and_then(|mut f| {
+                        std::io::Write::write_all(&mut f, &bytes)?;
+                        f.sync_all()
+                    })
                     .and_then(|()| std::fs::rename(&tmp, path))
                     .map_err(|e| e.kind().to_string())
             });
         if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
             tracing::warn!(file = %file_name(path), error = %e, "cannot cache a compiled plugin");
         }
     }
+
+    /// Remove temporary files a process that died mid-write left behind (older than a
+    /// minute, so that another live Warden's write in progress is left alone).
+    fn remove_stale_temporaries(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let temporary = path
+                .extension()
+                .and_then(|e| e.to_str())
+                .is_some_and(|e| e.starts_with(TMP_EXTENSION));
+            let old = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > Duration::from_secs(60));
+            if temporary && old && std::fs::remove_file(&path).is_ok() {
+                tracing::info!(file = %file_name(&path), "removed a partly written cache file");
+            }
+        }
+    }
 }
+
+/// Extension (followed by a process id) of a cache file being written.
+const TMP_EXTENSION: &str = "tmp";
 
 /// Re-arm the deadline before another call on a live store, one given `bytes` of client
 /// text (see [`Limits::deadline_for`]).
@@ -727,6 +777,25 @@ mod tests {
                     && allowed <= 2 * MAX_LOG_LINES_PER_SECOND as usize,
             "{allowed}"
         );
+    }
+
+    #[test]
+    fn a_damaged_cache_file_is_never_handed_to_wasmtime() {
+        let mut file = b"compiled code".to_vec();
+        file.extend_from_slice(&Sha256::digest(&file));
+        assert_eq!(DiskCache::verified(&file), Some(&b"compiled code"[..]));
+        for damaged in [
+            &file[..file.len() - 1],
+            &file[1..],
+            &file[..10],
+            &[][..],
+            &file[..32],
+        ] {
+            assert_eq!(DiskCache::verified(damaged), None);
+        }
+        let mut flipped = file.clone();
+        flipped[3] ^= 0x10;
+        assert_eq!(DiskCache::verified(&flipped), None);
     }
 
     #[cfg(unix)]

@@ -483,6 +483,97 @@ async fn reload_applies_the_file_all_or_nothing() {
 }
 
 #[tokio::test]
+async fn every_change_is_appended_to_the_audit_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("audit").join("audit.jsonl");
+    let mut c = admin_config();
+    c.audit_log = file.clone();
+    let t = start(c).await;
+    let sha = plugin_sha256("auth-api-key");
+    let (status, _) = put_file(&t, "auth", "auth-api-key.wasm", &sha, auth_config(true)).await;
+    assert_eq!(status, 200);
+    let (status, _) = put_file(&t, "auth", "auth-api-key.wasm", &"0".repeat(64), json!({})).await;
+    assert_eq!(status, 422);
+    assert_eq!(rollback(&t, "auth").await.status, 200);
+    let served = t.send(t.admin(Method::GET, "/admin/audit")).await.json();
+    t.server.shutdown().await;
+
+    let lines: Vec<Value> = std::fs::read_to_string(&file)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(&lines, served["events"].as_array().unwrap());
+    let outcomes: Vec<(&str, &str)> = lines
+        .iter()
+        .map(|e| {
+            (
+                e["trigger"].as_str().unwrap(),
+                e["outcome"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        outcomes,
+        [
+            ("admin", "accepted"),
+            ("admin", "refused"),
+            ("rollback", "accepted")
+        ]
+    );
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "{mode:o}");
+    }
+    // A second start appends.
+    let mut c = admin_config();
+    c.audit_log = file.clone();
+    let t = start(c).await;
+    assert_eq!(rollback(&t, "auth").await.status, 409);
+    t.server.shutdown().await;
+    let after: Vec<Value> = std::fs::read_to_string(&file)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(after[..lines.len()], lines[..]);
+    assert_eq!(after.len(), lines.len() + 1);
+    let last = &after[lines.len()];
+    assert_eq!(
+        (&last["trigger"], &last["outcome"]),
+        (&json!("rollback"), &json!("refused"))
+    );
+}
+
+#[tokio::test]
+async fn a_start_that_cannot_keep_its_key_or_audit_trail_fails_before_listening() {
+    let dir = tempfile::tempdir().unwrap();
+    // A regular file where a directory is needed: not writable, even for root.
+    let blocker = dir.path().join("not-a-directory");
+    std::fs::write(&blocker, b"").unwrap();
+    let mut c = warden_tests::config();
+    c.audit_log = blocker.join("audit.jsonl");
+    let err = warden::Server::start(c).await.err().expect("refused");
+    let text = err.to_string();
+    assert!(text.starts_with("audit log audit.jsonl:"), "{text}");
+    assert!(!text.contains(&dir.path().display().to_string()), "{text}");
+
+    let mut c = warden_tests::config();
+    c.api_key = None;
+    c.metrics_api_key = None;
+    c.generated_key_file = blocker.join("api-key");
+    let err = warden::Server::start(c).await.err().expect("refused");
+    let text = err.to_string();
+    assert!(
+        text.starts_with("generated API key file api-key:"),
+        "{text}"
+    );
+    assert!(!text.contains(&dir.path().display().to_string()), "{text}");
+}
+
+#[tokio::test]
 async fn compiled_plugins_are_cached_on_disk() {
     let dir = tempfile::tempdir().unwrap();
     let mut c = warden_tests::config();
