@@ -5,6 +5,9 @@
 //! The components come from `target/wasm-plugins`, which the end-to-end tests' build
 //! script fills during the same `cargo test --workspace` build (`make test`).
 
+// Test helpers outside `#[test]` functions may unwrap: a failure is a test failure.
+#![allow(clippy::unwrap_used)]
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -555,7 +555,9 @@ async fn a_start_that_cannot_keep_its_key_or_audit_trail_fails_before_listening(
     std::fs::write(&blocker, b"").unwrap();
     let mut c = warden_tests::config();
     c.audit_log = blocker.join("audit.jsonl");
-    let err = warden::Server::start(c).await.err().expect("refused");
+    let Err(err) = warden::Server::start(c).await else {
+        panic!("started")
+    };
     let text = err.to_string();
     assert!(text.starts_with("audit log audit.jsonl:"), "{text}");
     assert!(!text.contains(&dir.path().display().to_string()), "{text}");
@@ -564,7 +566,9 @@ async fn a_start_that_cannot_keep_its_key_or_audit_trail_fails_before_listening(
     c.api_key = None;
     c.metrics_api_key = None;
     c.generated_key_file = blocker.join("api-key");
-    let err = warden::Server::start(c).await.err().expect("refused");
+    let Err(err) = warden::Server::start(c).await else {
+        panic!("started")
+    };
     let text = err.to_string();
     assert!(
         text.starts_with("generated API key file api-key:"),
