@@ -39,6 +39,16 @@ fn component(package: &str) -> PathBuf {
     path
 }
 
+/// A plugin directory under `root` with the three reference components.
+fn plugin_dir(root: &Path) -> PathBuf {
+    let plugins = root.join("plugins");
+    std::fs::create_dir(&plugins).unwrap();
+    for p in ["auth-api-key", "sanitize-basic", "metrics-policy-basic"] {
+        std::fs::copy(component(p), plugins.join(format!("{p}.wasm"))).unwrap();
+    }
+    plugins
+}
+
 fn models_dir() -> PathBuf {
     let dir =
         std::env::var_os("WARDEN_MODELS_DIR").map_or_else(|| root().join("models"), PathBuf::from);
@@ -224,11 +234,7 @@ fn signal(child: &Child, name: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_reloads_on_sighup_and_stops_cleanly_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
-    let plugins = dir.path().join("plugins");
-    std::fs::create_dir(&plugins).unwrap();
-    for p in ["auth-api-key", "sanitize-basic", "metrics-policy-basic"] {
-        std::fs::copy(component(p), plugins.join(format!("{p}.wasm"))).unwrap();
-    }
+    let plugins = plugin_dir(dir.path());
     let config = dir.path().join("warden.toml");
     let write_config = |max_texts: &str| {
         std::fs::write(
@@ -512,4 +518,148 @@ async fn a_crash_mid_swap_and_a_damaged_cache_leave_the_next_start_whole() {
         );
         return;
     }
+}
+
+/// Resident memory of process `pid`, in MiB.
+fn rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// Send `n` copies of `body` to `route` at once while sampling the server's RSS; returns
+/// the statuses and the peak RSS.
+async fn burst(
+    client: &reqwest::Client,
+    url: String,
+    body: Vec<u8>,
+    n: usize,
+    pid: u32,
+) -> (Vec<u16>, f64) {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut peak = 0f64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                peak = peak.max(rss_mib(pid));
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            peak
+        })
+    };
+    let mut tasks = Vec::new();
+    for _ in 0..n {
+        let request = client
+            .post(&url)
+            .bearer_auth(API_KEY)
+            .header("content-type", "application/json")
+            .body(body.clone())
+            .send();
+        tasks.push(tokio::spawn(request));
+    }
+    let mut statuses = Vec::new();
+    for t in tasks {
+        statuses.push(t.await.unwrap().unwrap().status().as_u16());
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    (statuses, sampler.join().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_bodies_cost_memory_in_proportion_and_it_is_given_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = plugin_dir(dir.path());
+    // A permissive sanitizer: 4 MiB texts, no scan for personal data.
+    let config = dir.path().join("warden.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+             plugin_dir = \"{}\"\ncache_dir = \"\"\naudit_log = \"\"\n\
+             [plugins.sanitizer]\ndeadline_ms = 2000\n\
+             [plugins.sanitizer.config]\nmax_text_bytes = 4194304\n\
+             [plugins.sanitizer.config.input]\n\
+             email = \"off\"\nphone = \"off\"\ncard = \"off\"\nssn = \"off\"\n",
+            plugins.display()
+        ),
+    )
+    .unwrap();
+    let mut s = Serving::spawn(&config);
+    let (addr, _) = s.ready();
+    let pid = s.child.id();
+    let client = reqwest::Client::new();
+    let prose = |bytes: usize| {
+        let words = "the report was sent to finance on monday and questions go to the desk ";
+        words.repeat(bytes / words.len() + 1)[..bytes].to_string()
+    };
+    let two_mib = 2 << 20;
+    let cases = [
+        (
+            "/v1/chat/completions",
+            serde_json::json!({"model": "SmolLM2-135M-Instruct", "max_tokens": 1,
+                "messages": [{"role": "user", "content": prose(two_mib - 128)}]}),
+            400,
+            // MiB a request may add to the peak.
+            16.0,
+        ),
+        (
+            "/v1/completions",
+            serde_json::json!({"model": "SmolLM2-135M-Instruct", "max_tokens": 1,
+                "prompt": prose(two_mib - 128)}),
+            400,
+            16.0,
+        ),
+        (
+            "/v1/embeddings",
+            serde_json::json!({"model": "all-MiniLM-L6-v2", "input": prose(two_mib - 64)}),
+            200,
+            40.0,
+        ),
+    ];
+    for (route, body, status, per_request) in cases {
+        // Once small, so that first-use allocations are not counted.
+        let url = format!("http://{addr}{route}");
+        let _ = client
+            .post(&url)
+            .bearer_auth(API_KEY)
+            .json(
+                &serde_json::json!({"model": body["model"], "input": "hi", "prompt": "hi",
+                "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]}),
+            )
+            .send()
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let before = rss_mib(pid);
+        let (statuses, peak) =
+            burst(&client, url, serde_json::to_vec(&body).unwrap(), 16, pid).await;
+        assert!(
+            statuses.iter().all(|&s| s == status),
+            "{route}: {statuses:?}"
+        );
+        let added = peak - before;
+        eprintln!("{route}: 16 x 2 MiB: {before:.0} MiB before, peak +{added:.0} MiB");
+        assert!(
+            added <= 16.0 * per_request,
+            "{route}: 16 requests of 2 MiB added {added:.0} MiB to the peak ({before:.0} MiB before)"
+        );
+        // Given back: the allocator's decay is 2 s; allow it a few.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let after = rss_mib(pid);
+            if after <= before + 48.0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{route}: {after:.0} MiB resident after, {before:.0} MiB before"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    s.kill();
 }

@@ -479,8 +479,13 @@ impl Engine {
         let Some(reason) = finished else {
             return Ok(None);
         };
-        if !seq.text.stopped
-            && let Some(rest) = seq.text.flush()
+        // The answer's tokens, without the end-of-turn token that ended it.
+        let answer =
+            &seq.generated[..seq.generated.len() - usize::from(self.tokenizer.is_stop(next))];
+        if let Some(rest) = seq
+            .text
+            .finish(&self.tokenizer, answer)
+            .map_err(|e| EngineError::Model(e.to_string()))?
         {
             let _ = seq.job.events.send(GenerateEvent::Delta(rest));
         }
@@ -568,13 +573,45 @@ impl TextState {
         tokenizer: &GgufTokenizer,
         generated: &[u32],
     ) -> Result<Piece, super::gguf_tokenizer::TokenizerError> {
+        self.advance(tokenizer, generated, false)
+    }
+
+    /// The answer ended with `generated`: release everything not yet released, up to a
+    /// stop string. Tokens that never completed a character are released as decoding
+    /// them renders them (U+FFFD), so that the streamed text is the whole answer decoded.
+    pub fn finish(
+        &mut self,
+        tokenizer: &GgufTokenizer,
+        generated: &[u32],
+    ) -> Result<Option<String>, super::gguf_tokenizer::TokenizerError> {
+        if self.stopped {
+            return Ok(None);
+        }
+        let mut out = String::new();
+        if self.read < generated.len() {
+            let piece = self.advance(tokenizer, generated, true)?;
+            out.push_str(piece.delta.as_deref().unwrap_or(""));
+            if piece.stopped {
+                return Ok((!out.is_empty()).then_some(out));
+            }
+        }
+        out.push_str(self.flush().as_deref().unwrap_or(""));
+        Ok((!out.is_empty()).then_some(out))
+    }
+
+    fn advance(
+        &mut self,
+        tokenizer: &GgufTokenizer,
+        generated: &[u32],
+        end: bool,
+    ) -> Result<Piece, super::gguf_tokenizer::TokenizerError> {
         let before = tokenizer.decode(&generated[self.prefix..self.read])?;
         let decoded = tokenizer.decode(&generated[self.prefix..])?;
         // A token may end inside a multi-byte character: wait for the rest.
         // Cut by length, not by comparing text: some decoders render a slice's first token
         // differently (a leading space), the same way in both decodings.
         let added = match decoded.get(before.len()..) {
-            Some(added) if !added.is_empty() && !decoded.ends_with('\u{FFFD}') => added,
+            Some(added) if !added.is_empty() && (end || !decoded.ends_with('\u{FFFD}')) => added,
             _ => {
                 return Ok(Piece {
                     delta: None,
@@ -627,7 +664,7 @@ impl TextState {
     }
 
     /// Release what was held back for a possible stop string.
-    pub fn flush(&mut self) -> Option<String> {
+    fn flush(&mut self) -> Option<String> {
         let rest = self.text.get(self.released..)?.to_string();
         self.released = self.text.len();
         (!rest.is_empty()).then_some(rest)

@@ -73,3 +73,42 @@ pub fn admin_change(headers: &[(&[u8], &[u8])], body: &[u8]) -> Result<(), ApiEr
     }
     super::admin::parse_change(&map, body).map(drop)
 }
+
+/// The text model's tokenizer and chat template, read from a GGUF file's metadata (the
+/// weights are not loaded).
+pub fn text_tools(
+    gguf: &std::path::Path,
+) -> Result<(crate::engine::GgufTokenizer, crate::engine::ChatTemplate), String> {
+    let mut file = std::io::BufReader::new(std::fs::File::open(gguf).map_err(|e| e.to_string())?);
+    let content =
+        candle_core::quantized::gguf_file::Content::read(&mut file).map_err(|e| e.to_string())?;
+    let tokenizer = crate::engine::GgufTokenizer::from_gguf(&content).map_err(|e| e.to_string())?;
+    let source = content
+        .metadata
+        .get("tokenizer.chat_template")
+        .and_then(|v| v.to_string().ok())
+        .ok_or("no chat template")?;
+    let template =
+        crate::engine::ChatTemplate::new(source, &tokenizer.bos_text, &tokenizer.eos_text)?;
+    Ok((tokenizer, template))
+}
+
+/// The text a stream releases for `ids`, one token at a time, as the engine does with
+/// `stop` strings; and whether a stop string ended it.
+pub fn stream_text(
+    tokenizer: &crate::engine::GgufTokenizer,
+    ids: &[u32],
+    stop: Vec<String>,
+) -> Result<(String, bool), crate::engine::TokenizerError> {
+    let mut state = crate::engine::TextState::new(stop);
+    let mut out = String::new();
+    for end in 1..=ids.len() {
+        let piece = state.push(tokenizer, &ids[..end])?;
+        out.push_str(piece.delta.as_deref().unwrap_or(""));
+        if piece.stopped {
+            return Ok((out, true));
+        }
+    }
+    out.push_str(state.finish(tokenizer, ids)?.as_deref().unwrap_or(""));
+    Ok((out, false))
+}

@@ -165,18 +165,29 @@ pub fn open_tail_start(text: &str) -> usize {
 }
 
 /// All secrets inside one cluster, as byte ranges relative to the cluster, in order and
-/// non-overlapping.
+/// non-overlapping. Numbers are looked for between the e-mail addresses, each stretch on
+/// its own, as they will stand once the addresses are replaced: a card number run into an
+/// address is found as it would be once the address is gone, so that redacting never
+/// turns what is left into something a second look would find.
 pub fn find_in_cluster(cluster: &str) -> Vec<(Range<usize>, PiiKind)> {
-    let mut found: Vec<(Range<usize>, PiiKind)> = emails(cluster);
-    for (range, kind) in digit_secrets(cluster) {
-        if !found
-            .iter()
-            .any(|(r, _)| r.start < range.end && range.start < r.end)
-        {
+    let emails = emails(cluster);
+    let mut found = Vec::with_capacity(emails.len());
+    let mut from = 0;
+    for (range, kind) in emails
+        .into_iter()
+        .chain([(cluster.len()..cluster.len(), PiiKind::Email)])
+    {
+        let gap = &cluster[from..range.start];
+        found.extend(
+            digit_secrets(gap)
+                .into_iter()
+                .map(|(r, k)| (from + r.start..from + r.end, k)),
+        );
+        from = range.end;
+        if !range.is_empty() {
             found.push((range, kind));
         }
     }
-    found.sort_by_key(|(r, _)| r.start);
     found
 }
 
@@ -214,14 +225,23 @@ fn emails(s: &str) -> Vec<(Range<usize>, PiiKind)> {
         while end < ceiling && is_domain_char(b[end]) {
             end += 1;
         }
-        while end > at + 1 && matches!(b[end - 1], b'.' | b'-') {
-            end -= 1;
+        // The domain ends after its last label of letters: `bob@example.org-4111` is
+        // `bob@example.org` followed by something else.
+        // One pass backwards: `run` counts the letters that follow position `k`.
+        let mut run = 0;
+        let mut domain_end = None;
+        for k in (at + 1..end).rev() {
+            if b[k] == b'.' && run >= 2 && k > at + 1 {
+                domain_end = Some(k + 1 + run);
+                break;
+            }
+            run = if b[k].is_ascii_alphabetic() {
+                run + 1
+            } else {
+                0
+            };
         }
-        let domain = &s[at + 1..end];
-        let tld_ok = domain.rsplit_once('.').is_some_and(|(host, tld)| {
-            !host.is_empty() && tld.len() >= 2 && tld.bytes().all(|c| c.is_ascii_alphabetic())
-        });
-        if start < at && tld_ok {
+        if let Some(end) = domain_end.filter(|_| start < at) {
             out.push((start..end, PiiKind::Email));
             from = end;
         }
@@ -436,6 +456,12 @@ mod tests {
             [("john.doe+x@mail.example.com".to_string(), PiiKind::Email)]
         );
         assert!(kinds("an @ sign, user@localhost, a@b.c").is_empty());
+        // The domain ends after its last label of letters.
+        assert_eq!(
+            kinds("bob@example.org-4111 x")[0].0,
+            "bob@example.org".to_string()
+        );
+        assert_eq!(kinds("to bob@example.org.")[0].0, "bob@example.org");
     }
 
     #[test]

@@ -13,6 +13,7 @@ mod generation;
 mod hostile;
 mod metrics;
 mod openai_client;
+mod parsing;
 mod pieces;
 mod resilience;
 mod sanitizer;
