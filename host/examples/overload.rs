@@ -6,7 +6,8 @@
 //! mix of routes: streamed chat completions, embeddings, `GET /v1/models` and
 //! `GET /v1/metrics`. A separate client asks `GET /health` every 50 ms. It prints one JSON
 //! object: answers by status, 429s without `Retry-After`, transport errors (a connection
-//! reset or a stream cut off), `/health` latency percentiles, and the server's resident
+//! reset or a stream cut off, neither `[DONE]` nor an error event), `/health` latency
+//! percentiles, and the server's resident
 //! memory every second. The promise it checks: only 200, 429 and 503; no transport error;
 //! RSS flat from the 10th second to the end; `/health` p99 under 50 ms. It exits 1 if a
 //! promise is broken.
@@ -37,6 +38,8 @@ struct Tally {
     missing_retry_after: u64,
     transport_errors: BTreeMap<String, u64>,
     streams_incomplete: u64,
+    /// Streams that ended with an error event (a queue timeout once started): a clean end.
+    streams_ended_by_error_event: u64,
 }
 
 impl Tally {
@@ -109,7 +112,11 @@ async fn one(client: &reqwest::Client, base: &str, kind: usize, tally: &Mutex<Ta
     match body {
         Err(e) => t.transport(route, &e),
         Ok(body) if route == "chat-stream" && status == 200 => {
-            if !body.trim_end().ends_with("data: [DONE]") {
+            let last = body.trim_end().lines().last().unwrap_or_default();
+            if last.ends_with("[DONE]") {
+            } else if last.starts_with("data:") && last.contains("\"error\"") {
+                t.streams_ended_by_error_event += 1;
+            } else {
                 t.streams_incomplete += 1;
             }
         }
@@ -280,6 +287,7 @@ async fn main() {
             "429_without_retry_after": tally.missing_retry_after,
             "transport_errors": tally.transport_errors,
             "streams_incomplete": tally.streams_incomplete,
+            "streams_ended_by_error_event": tally.streams_ended_by_error_event,
             "health": {
                 "probes": times.len(),
                 "failures": health_failures,
