@@ -12,9 +12,9 @@
 
 use std::time::Instant;
 
-use candle_core::Device;
 use warden::engine::PREFILL_CHUNK;
-use warden::engine::llama::{Weights, argmax};
+use warden::engine::decoder::TextWeights;
+use warden::engine::llama::argmax;
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -43,7 +43,7 @@ fn main() {
     let runs: usize = args.next().map_or(5, |r| r.parse().expect("runs"));
     let mut file = std::fs::File::open(&path).expect("open model");
     let content = candle_core::quantized::gguf_file::Content::read(&mut file).expect("gguf");
-    let weights = Weights::from_gguf(&content, &mut file, &Device::Cpu).expect("weights");
+    let weights = TextWeights::from_gguf(&content, &mut file).expect("weights");
 
     for n in [64usize, 512, 2048] {
         let tokens = prompt(n);

@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 use candle_transformers::generation::{LogitsProcessor, Sampling};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
+use super::decoder::{SeqCache, TextWeights};
 use super::gguf_tokenizer::GgufTokenizer;
-use super::llama::{KvCache, Weights};
 use super::{EngineError, QueueObserver, Unobserved};
 
 /// How to pick the next token.
@@ -178,12 +178,12 @@ impl GenerateHandle {
     /// Start the engine thread.
     pub fn spawn(
         name: &str,
-        weights: Arc<Weights>,
+        weights: Arc<TextWeights>,
         tokenizer: Arc<GgufTokenizer>,
         config: GenerateConfig,
     ) -> std::io::Result<Self> {
         let (tx, rx) = sync_channel(config.queue_capacity.max(1));
-        let context_length = weights.config.context_length;
+        let context_length = weights.config().context_length;
         let stats = Arc::new(GenerateStats::default());
         let engine = Engine {
             weights,
@@ -254,7 +254,7 @@ impl GenerateHandle {
 /// Everything one sequence owns.
 struct Sequence {
     job: Job,
-    cache: KvCache,
+    cache: SeqCache,
     sampler: LogitsProcessor,
     generated: Vec<u32>,
     /// Next tokens to feed: the prompt first, then each sampled token.
@@ -266,7 +266,7 @@ struct Sequence {
 }
 
 struct Engine {
-    weights: Arc<Weights>,
+    weights: Arc<TextWeights>,
     tokenizer: Arc<GgufTokenizer>,
     max_active: usize,
     queue_timeout: Duration,
@@ -371,7 +371,7 @@ impl Engine {
         if !batch.is_empty() {
             let tokens: Vec<u32> = batch.iter().map(|seq| seq.pending[0]).collect();
             let rows = guarded(|| {
-                let mut caches: Vec<&mut KvCache> =
+                let mut caches: Vec<&mut SeqCache> =
                     batch.iter_mut().map(|seq| &mut seq.cache).collect();
                 self.weights.forward_batch(&tokens, &mut caches)
             });
@@ -469,7 +469,7 @@ impl Engine {
             if piece.stopped {
                 Some(FinishReason::Stop)
             } else if seq.generated.len() >= request.max_tokens
-                || seq.cache.len() >= self.weights.config.context_length
+                || seq.cache.len() >= self.weights.config().context_length
             {
                 Some(FinishReason::Length)
             } else {

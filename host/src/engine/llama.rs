@@ -35,7 +35,8 @@ pub struct LlamaConfig {
 }
 
 impl LlamaConfig {
-    fn from_gguf(content: &Content) -> Result<Self> {
+    /// Read from the GGUF metadata; only the llama architecture is accepted.
+    pub fn from_gguf(content: &Content) -> Result<Self> {
         let arch = content
             .metadata
             .get("general.architecture")

@@ -6,8 +6,10 @@
 
 mod bert;
 mod chunks;
+pub mod decoder;
 mod generate;
 mod gguf_tokenizer;
+pub mod kernels;
 pub mod llama;
 pub mod q4_1;
 mod template;
@@ -57,7 +59,7 @@ impl TextModel {
             .map_err(|e| invalid(format!("not a GGUF file: {e}")))?;
         let tokenizer = GgufTokenizer::from_gguf(&content)
             .map_err(|e| invalid(format!("tokenizer metadata: {e}")))?;
-        let weights = llama::Weights::from_gguf(&content, &mut reader, &candle_core::Device::Cpu)
+        let weights = decoder::TextWeights::from_gguf(&content, &mut reader)
             .map_err(|e| invalid(e.to_string()))?;
         let template = match content
             .metadata

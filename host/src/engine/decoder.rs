@@ -1,0 +1,582 @@
+//! The fused llama decoder: Warden's own forward pass for GGUF models whose layers are
+//! Q4_1 (SmolLM2's), on the shared kernels ([`super::kernels`]).
+//!
+//! One pass runs any set of rows: a prompt chunk of one sequence, or one next token of each
+//! of several sequences (batched decode), or both. Every matrix product runs once over all
+//! rows, so the weights are read once per pass whatever the number of sequences: the merged
+//! query/key/value product (960 rows for SmolLM2), the output projection, the merged
+//! gate/up product (3,072 rows) and the down projection, four products per layer on the
+//! repacked Q4_1 kernels. RMSNorm, RoPE, SiLU × up and the residuals are plain loops over
+//! preallocated buffers; attention is one pass per (row, head) over that sequence's own key
+//! and value cache, grouped-query heads by indexing, spread over the kernel pool. No candle
+//! tensor operation runs on the hot path, except the output layer (Q8_0, candle's SIMD
+//! kernel) for the rows whose logits are wanted.
+//!
+//! The arithmetic follows candle's operations in their order (RMSNorm, RoPE, softmax,
+//! SiLU, the Q4_1 products bit for bit), except the attention dot products, which candle
+//! runs through `gemm`; the logits differ from [`super::llama::Weights`] (which equals
+//! candle-transformers' `quantized_llama` bit for bit) by float rounding only, a bound the
+//! tests state.
+
+use std::cell::RefCell;
+use std::sync::Mutex;
+
+use candle_core::quantized::gguf_file::Content;
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{Device, Module, Result, Tensor};
+use half::f16;
+
+use super::kernels::Isa;
+use super::kernels::pool::Pool;
+use super::kernels::q4::{Q41Packed, Q81};
+use super::llama::LlamaConfig;
+
+/// Bytes of one Q8_0 block: an f16 scale and 32 signed bytes.
+const Q8_0_BYTES: usize = 34;
+
+struct Layer {
+    qkv: Q41Packed,
+    wo: Q41Packed,
+    gate_up: Q41Packed,
+    down: Q41Packed,
+    attn_norm: Vec<f32>,
+    ffn_norm: Vec<f32>,
+}
+
+/// The model, repacked for the fused path; shared and immutable.
+pub struct Decoder {
+    /// The model's shape.
+    pub config: LlamaConfig,
+    /// Token embeddings, Q8_0 rows as in the GGUF, dequantized when looked up.
+    embeddings: Vec<u8>,
+    layers: Vec<Layer>,
+    norm: Vec<f32>,
+    output: QMatMul,
+    /// cos and sin per (position, pair).
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    scratch: Mutex<Scratch>,
+}
+
+impl std::fmt::Debug for Decoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Decoder")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One sequence's keys and values: per layer, `len × kv_width` floats each, after RoPE.
+#[derive(Debug, Clone, Default)]
+pub struct Cache {
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    len: usize,
+}
+
+impl Cache {
+    /// Positions cached so far.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// Buffers of one pass, kept between passes so a pass allocates nothing once warm.
+#[derive(Default)]
+struct Scratch {
+    x: Vec<f32>,
+    h: Vec<f32>,
+    qkv: Vec<f32>,
+    att: Vec<f32>,
+    proj: Vec<f32>,
+    gate_up: Vec<f32>,
+    act: Vec<f32>,
+    q8: Q81,
+}
+
+thread_local! {
+    /// Attention scores of one (row, head), per kernel thread.
+    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+fn q4_1_data(t: &QTensor) -> Result<(Vec<u8>, usize, usize)> {
+    if t.dtype() != GgmlDType::Q4_1 {
+        candle_core::bail!("the fused decoder needs Q4_1 layers, found {:?}", t.dtype());
+    }
+    let (rows, cols) = t.shape().dims2()?;
+    Ok((t.data()?.into_owned(), rows, cols))
+}
+
+/// Several Q4_1 matrices of one width, stacked row-wise into one product.
+fn stacked(parts: &[QTensor]) -> Result<Q41Packed> {
+    let mut data = Vec::new();
+    let (mut rows, mut width) = (0, None);
+    for t in parts {
+        let (d, r, c) = q4_1_data(t)?;
+        if width.replace(c).is_some_and(|w| w != c) {
+            candle_core::bail!("stacked matrices of different widths");
+        }
+        data.extend_from_slice(&d);
+        rows += r;
+    }
+    Q41Packed::from_gguf(&data, rows, width.unwrap_or(0)).map_err(candle_core::Error::Msg)
+}
+
+fn f32_vector(t: QTensor) -> Result<Vec<f32>> {
+    t.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1()
+}
+
+impl Decoder {
+    /// Load from an open GGUF file; an error if a layer is not Q4_1 or the embeddings are
+    /// not Q8_0 (the caller then uses the tensor-graph decoder).
+    pub fn from_gguf<R: std::io::Read + std::io::Seek>(
+        content: &Content,
+        reader: &mut R,
+    ) -> Result<Self> {
+        let config = LlamaConfig::from_gguf(content)?;
+        if config.head_dim % 2 != 0
+            || config.n_kv_head == 0
+            || config.n_head % config.n_kv_head != 0
+        {
+            candle_core::bail!("unsupported attention shape");
+        }
+        let device = Device::Cpu;
+        let mut tensor = |name: &str| content.tensor(reader, name, &device);
+        let embd = tensor("token_embd.weight")?;
+        if embd.dtype() != GgmlDType::Q8_0 {
+            candle_core::bail!("the fused decoder needs Q8_0 embeddings");
+        }
+        let embeddings = embd.data()?.into_owned();
+        let output = match tensor("output.weight") {
+            Ok(t) => t,
+            Err(_) => embd,
+        };
+        let norm = f32_vector(tensor("output_norm.weight")?)?;
+        let mut layers = Vec::with_capacity(config.n_layer);
+        for i in 0..config.n_layer {
+            let mut t = |n: &str| tensor(&format!("blk.{i}.{n}.weight"));
+            let (q, k, v) = (t("attn_q")?, t("attn_k")?, t("attn_v")?);
+            let wo = t("attn_output")?;
+            let (gate, up, down) = (t("ffn_gate")?, t("ffn_up")?, t("ffn_down")?);
+            let attn_norm = f32_vector(t("attn_norm")?)?;
+            let ffn_norm = f32_vector(t("ffn_norm")?)?;
+            layers.push(Layer {
+                qkv: stacked(&[q, k, v])?,
+                wo: stacked(&[wo])?,
+                gate_up: stacked(&[gate, up])?,
+                down: stacked(&[down])?,
+                attn_norm,
+                ffn_norm,
+            });
+        }
+        let half = config.head_dim / 2;
+        let mut cos = Vec::with_capacity(config.context_length * half);
+        let mut sin = Vec::with_capacity(config.context_length * half);
+        // As `llama::rope_tables`: angle = pos · base^(-2i/d), in f32.
+        let inv: Vec<f32> = (0..config.head_dim)
+            .step_by(2)
+            .map(|i| 1.0 / config.rope_base.powf(i as f32 / config.head_dim as f32))
+            .collect();
+        for pos in 0..config.context_length {
+            for &f in &inv {
+                let angle = pos as f32 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        Ok(Self {
+            config,
+            embeddings,
+            layers,
+            norm,
+            output: QMatMul::from_qtensor(output)?,
+            cos,
+            sin,
+            scratch: Mutex::new(Scratch::default()),
+        })
+    }
+
+    /// A new, empty cache for one sequence.
+    pub fn new_cache(&self) -> Cache {
+        Cache {
+            k: vec![Vec::new(); self.config.n_layer],
+            v: vec![Vec::new(); self.config.n_layer],
+            len: 0,
+        }
+    }
+
+    /// Run `tokens` (the next positions of the sequence whose cache is `cache`) and return
+    /// the logits of the last one.
+    pub fn forward(&self, tokens: &[u32], cache: &mut Cache) -> Result<Vec<f32>> {
+        let owners = vec![0; tokens.len()];
+        let mut logits = self.pass(
+            tokens,
+            &owners,
+            &mut [cache],
+            &[tokens.len().wrapping_sub(1)],
+        )?;
+        logits
+            .pop()
+            .ok_or_else(|| candle_core::Error::Msg("no tokens to run".into()))
+    }
+
+    /// One decoding step of several sequences: `tokens[i]` is the next token of the
+    /// sequence whose cache is `caches[i]`; returns each one's logits.
+    pub fn forward_batch(
+        &self,
+        tokens: &[u32],
+        caches: &mut [&mut Cache],
+    ) -> Result<Vec<Vec<f32>>> {
+        if tokens.len() != caches.len() {
+            candle_core::bail!("{} tokens for {} sequences", tokens.len(), caches.len());
+        }
+        let owners: Vec<usize> = (0..tokens.len()).collect();
+        let wanted: Vec<usize> = (0..tokens.len()).collect();
+        self.pass(tokens, &owners, caches, &wanted)
+    }
+
+    /// One forward pass over `tokens`, row `i` belonging to sequence `owners[i]` (rows of a
+    /// sequence consecutive, in order); returns the logits of the rows in `wanted`.
+    fn pass(
+        &self,
+        tokens: &[u32],
+        owners: &[usize],
+        caches: &mut [&mut Cache],
+        wanted: &[usize],
+    ) -> Result<Vec<Vec<f32>>> {
+        let c = &self.config;
+        let rows = tokens.len();
+        if rows == 0 {
+            candle_core::bail!("no tokens to run");
+        }
+        // Each row's position: its sequence's cached length plus its place among that
+        // sequence's rows.
+        let mut positions = Vec::with_capacity(rows);
+        let mut seen = vec![0usize; caches.len()];
+        for &o in owners {
+            let cache = caches
+                .get(o)
+                .ok_or_else(|| candle_core::Error::Msg("row of no sequence".into()))?;
+            positions.push(cache.len + seen[o]);
+            seen[o] += 1;
+        }
+        if positions.iter().any(|&p| p >= c.context_length) {
+            candle_core::bail!("the sequence is longer than the context window");
+        }
+        let vocab = self.embeddings.len() / (c.n_embd / 32 * Q8_0_BYTES);
+        if let Some(t) = tokens.iter().find(|&&t| t as usize >= vocab) {
+            candle_core::bail!("token {t} is outside the vocabulary");
+        }
+        let isa = Isa::active();
+        let pool = Pool::global();
+        let width = c.n_embd;
+        let kv_width = c.n_kv_head * c.head_dim;
+        let q_width = c.n_head * c.head_dim;
+        let mut guard = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        let s = &mut *guard;
+        s.x.resize(rows * width, 0.0);
+        for (row, &t) in tokens.iter().enumerate() {
+            self.embed(t as usize, &mut s.x[row * width..][..width]);
+        }
+        for (l, layer) in self.layers.iter().enumerate() {
+            // Attention block.
+            rms_norm(&s.x, &layer.attn_norm, c.rms_eps as f32, &mut s.h);
+            s.q8.quantize(&s.h, width);
+            let qkv_width = layer.qkv.rows();
+            s.qkv.resize(rows * qkv_width, 0.0);
+            layer.qkv.matmul(&s.q8, &mut s.qkv, isa, pool);
+            for (row, &pos) in positions.iter().enumerate() {
+                let r = &mut s.qkv[row * qkv_width..][..qkv_width];
+                let (q, kv) = r.split_at_mut(q_width);
+                let (k, v) = kv.split_at_mut(kv_width);
+                self.rope(q, pos);
+                self.rope(k, pos);
+                let cache = &mut caches[owners[row]];
+                cache.k[l].extend_from_slice(k);
+                cache.v[l].extend_from_slice(v);
+            }
+            s.att.resize(rows * q_width, 0.0);
+            self.attend(
+                l, &s.qkv, qkv_width, &positions, owners, &*caches, &mut s.att, pool,
+            );
+            s.q8.quantize(&s.att, q_width);
+            s.proj.resize(rows * width, 0.0);
+            layer.wo.matmul(&s.q8, &mut s.proj, isa, pool);
+            // x1 = wo·y + x, as candle adds them.
+            for (x, p) in s.x.iter_mut().zip(&s.proj) {
+                *x += *p;
+            }
+            // Feed-forward block.
+            rms_norm(&s.x, &layer.ffn_norm, c.rms_eps as f32, &mut s.h);
+            s.q8.quantize(&s.h, width);
+            let gu = layer.gate_up.rows();
+            let hidden = gu / 2;
+            s.gate_up.resize(rows * gu, 0.0);
+            layer.gate_up.matmul(&s.q8, &mut s.gate_up, isa, pool);
+            s.act.resize(rows * hidden, 0.0);
+            for row in 0..rows {
+                let (g, u) = s.gate_up[row * gu..][..gu].split_at(hidden);
+                for ((a, &g), &u) in s.act[row * hidden..][..hidden].iter_mut().zip(g).zip(u) {
+                    // candle's silu: x / (1 + e^-x), then × up.
+                    *a = g / (1.0 + (-g).exp()) * u;
+                }
+            }
+            s.q8.quantize(&s.act, hidden);
+            layer.down.matmul(&s.q8, &mut s.proj, isa, pool);
+            for (x, p) in s.x.iter_mut().zip(&s.proj) {
+                *x += *p;
+            }
+        }
+        for (cache, n) in caches.iter_mut().zip(seen) {
+            cache.len += n;
+        }
+        // The output layer for the wanted rows only.
+        let mut last = Vec::with_capacity(wanted.len() * width);
+        for &row in wanted {
+            let x =
+                s.x.get(row * width..(row + 1) * width)
+                    .ok_or_else(|| candle_core::Error::Msg("wanted row out of range".into()))?;
+            let mut normed = Vec::with_capacity(width);
+            rms_norm(x, &self.norm, c.rms_eps as f32, &mut normed);
+            last.extend_from_slice(&normed);
+        }
+        drop(guard);
+        let x = Tensor::from_vec(last, (wanted.len(), width), &Device::Cpu)?;
+        self.output.forward(&x)?.to_vec2()
+    }
+
+    /// Token `t`'s embedding, dequantized as candle does (`d · q`).
+    fn embed(&self, t: usize, out: &mut [f32]) {
+        let blocks = out.len() / 32;
+        let row = &self.embeddings[t * blocks * Q8_0_BYTES..][..blocks * Q8_0_BYTES];
+        for (block, out) in row.chunks_exact(Q8_0_BYTES).zip(out.chunks_exact_mut(32)) {
+            let d = f16::from_le_bytes([block[0], block[1]]).to_f32();
+            for (o, &q) in out.iter_mut().zip(&block[2..]) {
+                *o = f32::from(q as i8) * d;
+            }
+        }
+    }
+
+    /// Interleaved RoPE (pairs `2i, 2i+1`) of every head in `x` at `pos`, as candle's
+    /// `rope_i`.
+    fn rope(&self, x: &mut [f32], pos: usize) {
+        let half = self.config.head_dim / 2;
+        let (cos, sin) = (
+            &self.cos[pos * half..][..half],
+            &self.sin[pos * half..][..half],
+        );
+        for head in x.chunks_exact_mut(self.config.head_dim) {
+            for (i, pair) in head.chunks_exact_mut(2).enumerate() {
+                let (x0, x1) = (pair[0], pair[1]);
+                pair[0] = x0 * cos[i] - x1 * sin[i];
+                pair[1] = x0 * sin[i] + x1 * cos[i];
+            }
+        }
+    }
+
+    /// Attention of every row and head of layer `l` over its sequence's cache up to its
+    /// own position, into `out` (`rows × q_width`), on the pool.
+    #[allow(clippy::too_many_arguments)]
+    fn attend(
+        &self,
+        l: usize,
+        qkv: &[f32],
+        qkv_width: usize,
+        positions: &[usize],
+        owners: &[usize],
+        caches: &[&mut Cache],
+        out: &mut [f32],
+        pool: &Pool,
+    ) {
+        let c = &self.config;
+        let (dim, heads) = (c.head_dim, c.n_head);
+        let group = heads / c.n_kv_head;
+        let kv_width = c.n_kv_head * dim;
+        let scale = (dim as f32).sqrt();
+        // One task per (row, head), each writing its own `dim` outputs.
+        pool.for_each_chunk(out, dim, &|task, out| {
+            let (row, head) = (task / heads, task % heads);
+            let q = &qkv[row * qkv_width + head * dim..][..dim];
+            let cache = &caches[owners[row]];
+            let (keys, values) = (&cache.k[l], &cache.v[l]);
+            let kv_head = head / group;
+            let seen = positions[row] + 1;
+            SCORES.with_borrow_mut(|scores| {
+                scores.clear();
+                let mut max = f32::NEG_INFINITY;
+                for j in 0..seen {
+                    let k = &keys[j * kv_width + kv_head * dim..][..dim];
+                    let dot = dot(q, k) / scale;
+                    max = max.max(dot);
+                    scores.push(dot);
+                }
+                // candle's softmax: e^(x - max), then divided by the sum.
+                let mut sum = 0f32;
+                for s in scores.iter_mut() {
+                    *s = (*s - max).exp();
+                    sum += *s;
+                }
+                out.fill(0.0);
+                for (j, &p) in scores.iter().enumerate() {
+                    let p = p / sum;
+                    let v = &values[j * kv_width + kv_head * dim..][..dim];
+                    for (a, &v) in out.iter_mut().zip(v) {
+                        *a += p * v;
+                    }
+                }
+            });
+        });
+    }
+}
+
+/// `a · b` in 8 independent partial sums (which the compiler vectorizes), then their sum.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (head, tail) = (a.len() / 8 * 8, a.len() % 8);
+    for (x, y) in a[..head].chunks_exact(8).zip(b[..head].chunks_exact(8)) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut sum = acc.iter().sum::<f32>();
+    for i in head..head + tail {
+        sum += a[i] * b[i];
+    }
+    sum
+}
+
+/// `out = x / sqrt(mean(x²) + eps) · w`, row by row, as candle's `rms_norm`.
+fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut Vec<f32>) {
+    let dim = w.len();
+    out.resize(x.len(), 0.0);
+    for (x, out) in x.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
+        let sum2 = x.iter().map(|&v| v * v).sum::<f32>();
+        let m = (sum2 / dim as f32 + eps).sqrt();
+        for ((o, &v), &a) in out.iter_mut().zip(x).zip(w) {
+            *o = v / m * a;
+        }
+    }
+}
+
+/// The environment variable that picks the decoder: `graph` (the tensor-graph path, the
+/// default) or `fused` (this module's, when the model allows it; see the tests for how its
+/// logits compare).
+pub const DECODER_VARIABLE: &str = "WARDEN_DECODER";
+
+/// The text model's weights on whichever decoder serves them.
+#[derive(Debug)]
+pub enum TextWeights {
+    /// The fused decoder (Q4_1 layers, Q8_0 embeddings).
+    Fused(Decoder),
+    /// The tensor-graph decoder, for any llama-family GGUF.
+    Graph(super::llama::Weights),
+}
+
+/// One sequence's cache on the decoder of its [`TextWeights`].
+#[derive(Debug, Clone)]
+pub enum SeqCache {
+    /// Of [`TextWeights::Fused`].
+    Fused(Cache),
+    /// Of [`TextWeights::Graph`].
+    Graph(super::llama::KvCache),
+}
+
+impl SeqCache {
+    /// Positions cached so far.
+    pub fn len(&self) -> usize {
+        match self {
+            SeqCache::Fused(c) => c.len(),
+            SeqCache::Graph(c) => c.len(),
+        }
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn mismatch() -> candle_core::Error {
+    candle_core::Error::Msg("a cache of the other decoder".into())
+}
+
+impl TextWeights {
+    /// Load from an open GGUF file: the fused decoder if [`DECODER_VARIABLE`] asks for it
+    /// and the model allows it, else the tensor graph.
+    pub fn from_gguf<R: std::io::Read + std::io::Seek>(
+        content: &Content,
+        reader: &mut R,
+    ) -> Result<Self> {
+        let fused = std::env::var(DECODER_VARIABLE).is_ok_and(|v| v.trim() == "fused");
+        if fused {
+            match Decoder::from_gguf(content, reader) {
+                Ok(d) => {
+                    tracing::info!(kernels = Isa::active().as_str(), "fused decoder");
+                    return Ok(TextWeights::Fused(d));
+                }
+                Err(e) => tracing::info!(reason = %e, "tensor-graph decoder"),
+            }
+        }
+        super::llama::Weights::from_gguf(content, reader, &Device::Cpu).map(TextWeights::Graph)
+    }
+
+    /// The model's shape.
+    pub fn config(&self) -> &LlamaConfig {
+        match self {
+            TextWeights::Fused(d) => &d.config,
+            TextWeights::Graph(w) => &w.config,
+        }
+    }
+
+    /// A new, empty cache for one sequence.
+    pub fn new_cache(&self) -> SeqCache {
+        match self {
+            TextWeights::Fused(d) => SeqCache::Fused(d.new_cache()),
+            TextWeights::Graph(w) => SeqCache::Graph(w.new_cache()),
+        }
+    }
+
+    /// Logits of the last of `tokens`, fed after what `cache` holds.
+    pub fn forward(&self, tokens: &[u32], cache: &mut SeqCache) -> Result<Vec<f32>> {
+        match (self, cache) {
+            (TextWeights::Fused(d), SeqCache::Fused(c)) => d.forward(tokens, c),
+            (TextWeights::Graph(w), SeqCache::Graph(c)) => w.forward(tokens, c),
+            _ => Err(mismatch()),
+        }
+    }
+
+    /// One decoding step of several sequences at once.
+    pub fn forward_batch(
+        &self,
+        tokens: &[u32],
+        caches: &mut [&mut SeqCache],
+    ) -> Result<Vec<Vec<f32>>> {
+        match self {
+            TextWeights::Fused(d) => {
+                let mut inner = caches
+                    .iter_mut()
+                    .map(|c| match &mut **c {
+                        SeqCache::Fused(c) => Ok(c),
+                        SeqCache::Graph(_) => Err(mismatch()),
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                d.forward_batch(tokens, &mut inner)
+            }
+            TextWeights::Graph(w) => {
+                let mut inner = caches
+                    .iter_mut()
+                    .map(|c| match &mut **c {
+                        SeqCache::Graph(c) => Ok(c),
+                        SeqCache::Fused(_) => Err(mismatch()),
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                w.forward_batch(tokens, &mut inner)
+            }
+        }
+    }
+}

@@ -1,0 +1,126 @@
+//! Warden's CPU kernels, shared by the text and embedding engines: one thread pool
+//! ([`pool`]) and one run-time choice of instruction set ([`Isa`]), so a single release
+//! build runs at full speed on this machine (AVX-512 VNNI) and correctly on any x86-64
+//! (AVX2, or portable code), without `-C target-cpu=native`.
+//!
+//! This module and its children hold the engine's `unsafe` code: SIMD intrinsics behind
+//! run-time feature checks, and the pool's hand-over of a borrowed closure to its worker
+//! threads. Every SIMD kernel has a plain scalar reference and tests that it agrees.
+
+pub mod pool;
+pub mod q4;
+
+use std::sync::OnceLock;
+
+/// An instruction set the kernels can use, in increasing order of capability.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Isa {
+    /// Portable Rust, any CPU.
+    Scalar,
+    /// AVX2 with F16C (x86-64 since about 2013).
+    Avx2,
+    /// AVX-512 (F, BW, VL) with VNNI: `vpdpbusd`, 64 int8 multiply-adds per instruction.
+    Avx512Vnni,
+}
+
+/// The environment variable that caps the instruction set (`avx512-vnni`, `avx2` or
+/// `scalar`), to run and test the fallback paths on a capable machine.
+pub const ISA_VARIABLE: &str = "WARDEN_KERNELS";
+
+impl Isa {
+    /// Every instruction set, most capable first.
+    pub const ALL: [Isa; 3] = [Isa::Avx512Vnni, Isa::Avx2, Isa::Scalar];
+
+    /// Its name in settings and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512Vnni => "avx512-vnni",
+        }
+    }
+
+    /// Parse a name as [`Isa::as_str`] writes it.
+    pub fn parse(name: &str) -> Option<Isa> {
+        Isa::ALL.into_iter().find(|i| i.as_str() == name.trim())
+    }
+
+    /// Whether this CPU can run kernels written for `self`.
+    pub fn supported(self) -> bool {
+        match self {
+            Isa::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => {
+                std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("f16c")
+            }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Vnni => {
+                std::is_x86_feature_detected!("avx512f")
+                    && std::is_x86_feature_detected!("avx512bw")
+                    && std::is_x86_feature_detected!("avx512vl")
+                    && std::is_x86_feature_detected!("avx512vnni")
+                    && Isa::Avx2.supported()
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+
+    /// The most capable instruction set this CPU supports.
+    pub fn detected() -> Isa {
+        Isa::ALL
+            .into_iter()
+            .find(|i| i.supported())
+            .unwrap_or(Isa::Scalar)
+    }
+
+    /// The instruction set the kernels use: [`Isa::detected`], capped by
+    /// [`ISA_VARIABLE`] if it is set. Decided once per process and logged.
+    pub fn active() -> Isa {
+        static ACTIVE: OnceLock<Isa> = OnceLock::new();
+        *ACTIVE.get_or_init(|| {
+            let detected = Isa::detected();
+            let chosen = match std::env::var(ISA_VARIABLE) {
+                Ok(name) => match Isa::parse(&name) {
+                    Some(cap) => cap.min(detected),
+                    None => {
+                        tracing::warn!(
+                            variable = ISA_VARIABLE,
+                            value = %name,
+                            "unknown instruction set; expected avx512-vnni, avx2 or scalar"
+                        );
+                        detected
+                    }
+                },
+                Err(_) => detected,
+            };
+            tracing::info!(
+                kernels = chosen.as_str(),
+                detected = detected.as_str(),
+                "CPU kernels"
+            );
+            chosen
+        })
+    }
+
+    /// The supported instruction sets, for tests that run every path.
+    pub fn available() -> Vec<Isa> {
+        Isa::ALL.into_iter().filter(|i| i.supported()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_and_scalar_is_always_there() {
+        for isa in Isa::ALL {
+            assert_eq!(Isa::parse(isa.as_str()), Some(isa));
+        }
+        assert_eq!(Isa::parse("sse"), None);
+        assert!(Isa::Scalar.supported());
+        assert!(Isa::available().contains(&Isa::detected()));
+        assert!(Isa::active() <= Isa::detected());
+    }
+}
