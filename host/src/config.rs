@@ -173,6 +173,8 @@ pub struct Config {
     pub header_limit_bytes: usize,
     /// How long a client may take to send its request head, in seconds.
     pub header_timeout_secs: u64,
+    /// How long a client may take to send its request body, in seconds; slower is 408.
+    pub body_timeout_secs: u64,
     /// Most client connections open at once (per listener); further ones wait in the
     /// kernel's backlog until one closes.
     pub max_connections: usize,
@@ -209,6 +211,7 @@ impl Default for Config {
             body_limit_bytes: 2 * 1024 * 1024,
             header_limit_bytes: 64 * 1024,
             header_timeout_secs: 10,
+            body_timeout_secs: 30,
             max_connections: 1024,
             shutdown_grace_secs: 30,
             shutdown_delay_ms: 0,
@@ -347,9 +350,11 @@ impl Config {
                 "header_limit_bytes must be between 4096 and 1048576".into(),
             ));
         }
-        if self.header_timeout_secs == 0 || self.max_connections == 0 {
+        if self.header_timeout_secs == 0 || self.body_timeout_secs == 0 || self.max_connections == 0
+        {
             return Err(ConfigError::Invalid(
-                "header_timeout_secs and max_connections must be positive".into(),
+                "header_timeout_secs, body_timeout_secs and max_connections must be positive"
+                    .into(),
             ));
         }
         if self.text_model_id().is_empty() {
@@ -428,6 +433,10 @@ impl Config {
             self.header_timeout_secs != other.header_timeout_secs,
         );
         check(
+            "body_timeout_secs",
+            self.body_timeout_secs != other.body_timeout_secs,
+        );
+        check(
             "max_connections",
             self.max_connections != other.max_connections,
         );
@@ -494,6 +503,9 @@ pub struct ServeArgs {
     /// Seconds a client may take to send its request head [default: 10].
     #[arg(long, env = "WARDEN_HEADER_TIMEOUT_SECS")]
     pub header_timeout_secs: Option<u64>,
+    /// Seconds a client may take to send its request body; slower is 408 [default: 30].
+    #[arg(long, env = "WARDEN_BODY_TIMEOUT_SECS")]
+    pub body_timeout_secs: Option<u64>,
     /// Most client connections open at once, per listener [default: 1024].
     #[arg(long, env = "WARDEN_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
@@ -722,6 +734,7 @@ impl ServeArgs {
         set_some(&mut config.body_limit_bytes, this.body_limit_bytes);
         set_some(&mut config.header_limit_bytes, this.header_limit_bytes);
         set_some(&mut config.header_timeout_secs, this.header_timeout_secs);
+        set_some(&mut config.body_timeout_secs, this.body_timeout_secs);
         set_some(&mut config.max_connections, this.max_connections);
         set_some(&mut config.shutdown_grace_secs, this.shutdown_grace_secs);
         set_some(&mut config.shutdown_delay_ms, this.shutdown_delay_ms);

@@ -84,6 +84,12 @@ pub enum ApiError {
         /// The limit.
         limit: u64,
     },
+    /// The body did not arrive in time.
+    #[error("the request body did not arrive within {secs} s")]
+    BodyTimeout {
+        /// The limit, seconds.
+        secs: u64,
+    },
     /// Not JSON.
     #[error("the request body must be JSON (Content-Type: application/json)")]
     UnsupportedMediaType,
@@ -212,6 +218,12 @@ impl ApiError {
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "invalid_request_error",
                 Some("payload_too_large"),
+                false,
+            ),
+            BodyTimeout { .. } => (
+                StatusCode::REQUEST_TIMEOUT,
+                "invalid_request_error",
+                Some("request_timeout"),
                 false,
             ),
             UnsupportedMediaType => (

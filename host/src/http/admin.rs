@@ -307,14 +307,29 @@ async fn audit(state: Arc<AppState>, headers: HeaderMap) -> Result<Response, Api
     Ok(ok(json!({"events": services.plugins.audit_events()})))
 }
 
-async fn put(
+async fn put<S, B>(
     name: String,
     state: Arc<AppState>,
     headers: HeaderMap,
-    body: Bytes,
-) -> Result<Response, ApiError> {
+    body: S,
+) -> Result<Response, ApiError>
+where
+    S: futures_util::Stream<Item = Result<B, warp::Error>>,
+    B: bytes::Buf,
+{
+    // Authorized before a byte of the body is read: an unauthenticated client cannot make
+    // the server buffer an upload, nor hold a connection by trickling one.
     authorize(&state, &headers)?;
     let slot = slot(&name)?;
+    let declared = headers
+        .get(warp::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_none() {
+        return Err(length_required());
+    }
+    let limits = super::handlers::BodyLimits::with_bytes(&state.config, MAX_COMPONENT_BYTES);
+    let body = super::handlers::read_declared_body(declared, body, limits).await?;
     let status = blocking(move || {
         let source = change_source(&state, slot, &headers, body)?;
         let services = state.services().ok_or(ApiError::NotReady)?;
@@ -386,8 +401,7 @@ pub fn routes(
         .and(warp::put())
         .and(with_state.clone())
         .and(headers)
-        .and(warp::body::content_length_limit(MAX_COMPONENT_BYTES))
-        .and(warp::body::bytes())
+        .and(warp::body::stream())
         .then(put)
         .map(respond);
     let rollback = warp::path!("admin" / "plugins" / String / "rollback")
@@ -423,12 +437,15 @@ async fn rejection(r: warp::Rejection) -> Result<Response, std::convert::Infalli
         .into_response());
     }
     if r.find::<warp::reject::LengthRequired>().is_some() {
-        return Ok(admin_error(
-            StatusCode::LENGTH_REQUIRED,
-            "length_required",
-            "send the component with a Content-Length",
-        )
-        .into_response());
+        return Ok(length_required().into_response());
     }
     super::rejection(r).await
+}
+
+fn length_required() -> ApiError {
+    admin_error(
+        StatusCode::LENGTH_REQUIRED,
+        "length_required",
+        "send the component with a Content-Length",
+    )
 }

@@ -18,7 +18,9 @@ use tracing::Instrument;
 use warp::Reply;
 use warp::reply::Response;
 
-use super::handlers::{Ctx, engine_error, engine_permit, guarded, parse_json, read_body, settle};
+use super::handlers::{
+    BodyLimits, Ctx, engine_error, engine_permit, guarded, parse_json, read_body, settle,
+};
 use super::params::{
     ChatRequest, CompletionRequest, DetokenizeRequest, GenParams, Prompt, TokenizeRequest,
 };
@@ -338,7 +340,7 @@ where
     S: Stream<Item = Result<B, warp::Error>> + Send,
     B: Buf,
 {
-    let limit = state.config.body_limit_bytes;
+    let limit = BodyLimits::of(&state.config);
     guarded(state, meta, api.route(), "inference", |ctx| async move {
         let body = read_body(&ctx.meta, body, limit).await?;
         let value: Value = parse_json(&ctx.meta, &body)?;
@@ -678,7 +680,7 @@ where
     S: Stream<Item = Result<B, warp::Error>> + Send,
     B: Buf,
 {
-    let limit = state.config.body_limit_bytes;
+    let limit = BodyLimits::of(&state.config);
     guarded(state, meta, "/tokenize", "inference", |ctx| async move {
         let body = read_body(&ctx.meta, body, limit).await?;
         let r = TokenizeRequest::parse(parse_json(&ctx.meta, &body)?)?;
@@ -704,7 +706,7 @@ where
     S: Stream<Item = Result<B, warp::Error>> + Send,
     B: Buf,
 {
-    let limit = state.config.body_limit_bytes;
+    let limit = BodyLimits::of(&state.config);
     guarded(state, meta, "/detokenize", "inference", |ctx| async move {
         let body = read_body(&ctx.meta, body, limit).await?;
         let r = DetokenizeRequest::parse(parse_json(&ctx.meta, &body)?)?;

@@ -165,11 +165,35 @@ async fn authorize(
     }
 }
 
-/// Read a body of at most `limit` bytes, streaming or not.
+/// How much body a request may send, and how fast.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct BodyLimits {
+    bytes: u64,
+    secs: u64,
+}
+
+impl BodyLimits {
+    /// The configured limits of API request bodies.
+    pub(super) fn of(config: &crate::Config) -> Self {
+        Self::with_bytes(config, config.body_limit_bytes)
+    }
+
+    /// The configured timeout, with another size limit.
+    pub(super) fn with_bytes(config: &crate::Config, bytes: u64) -> Self {
+        Self {
+            bytes,
+            secs: config.body_timeout_secs,
+        }
+    }
+}
+
+/// Read a body within `limits`, streaming or not: at most `body_limit_bytes`, arriving
+/// whole within `body_timeout_secs` (a client that trickles its body is answered 408
+/// rather than holding a connection and a task for as long as it likes).
 pub(super) async fn read_body<S, B>(
     meta: &RequestMeta,
     body: S,
-    limit: u64,
+    limits: BodyLimits,
 ) -> Result<Bytes, ApiError>
 where
     S: Stream<Item = Result<B, warp::Error>>,
@@ -180,6 +204,37 @@ where
         .iter()
         .find(|(k, _)| k == "content-length")
         .and_then(|(_, v)| v.parse::<u64>().ok());
+    read_declared_body(declared, body, limits).await
+}
+
+/// [`read_body`] for a body that declared `declared` bytes (its `Content-Length`).
+pub(super) async fn read_declared_body<S, B>(
+    declared: Option<u64>,
+    body: S,
+    limits: BodyLimits,
+) -> Result<Bytes, ApiError>
+where
+    S: Stream<Item = Result<B, warp::Error>>,
+    B: Buf,
+{
+    let secs = limits.secs;
+    tokio::time::timeout(
+        std::time::Duration::from_secs(secs),
+        read_body_within(declared, body, limits.bytes),
+    )
+    .await
+    .unwrap_or(Err(ApiError::BodyTimeout { secs }))
+}
+
+async fn read_body_within<S, B>(
+    declared: Option<u64>,
+    body: S,
+    limit: u64,
+) -> Result<Bytes, ApiError>
+where
+    S: Stream<Item = Result<B, warp::Error>>,
+    B: Buf,
+{
     if declared.is_some_and(|n| n > limit) {
         return Err(ApiError::PayloadTooLarge { limit });
     }
@@ -377,7 +432,7 @@ where
     S: Stream<Item = Result<B, warp::Error>> + Send,
     B: Buf,
 {
-    let limit = state.config.body_limit_bytes;
+    let limit = BodyLimits::of(&state.config);
     guarded(
         state,
         meta,

@@ -405,6 +405,27 @@ async fn the_admin_api_is_the_hosts_own() {
         )
         .await;
     assert_eq!(r.error(411)["code"], "length_required");
+    // Without the admin token, a declared 32 MiB upload is refused before any of it is read.
+    let mut stream = tokio::net::TcpStream::connect(t.server.admin_addr().unwrap())
+        .await
+        .unwrap();
+    tokio::io::AsyncWriteExt::write_all(
+        &mut stream,
+        b"PUT /admin/plugins/auth HTTP/1.1\r\nHost: x\r\nContent-Type: application/wasm\r\n\
+          Content-Length: 33554432\r\n\r\n\0asm",
+    )
+    .await
+    .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::io::AsyncReadExt::read(&mut stream, &mut buf),
+    )
+    .await
+    .expect("the server waited for the body before refusing")
+    .unwrap();
+    let reply = String::from_utf8_lossy(&buf[..n]);
+    assert!(reply.starts_with("HTTP/1.1 401"), "{reply}");
     t.server.shutdown().await;
 }
 

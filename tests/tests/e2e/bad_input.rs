@@ -231,3 +231,53 @@ async fn a_client_that_trickles_its_headers_is_cut_off() {
     assert_eq!(t.get("/health", None).await.status, 200);
     t.server.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_client_that_trickles_its_body_gets_408_and_idle_connections_close() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut c = config();
+    c.header_timeout_secs = 1;
+    c.body_timeout_secs = 1;
+    let t = start(c).await;
+    // Headers whole, then 10 of the 100 bytes the body declares, and nothing more.
+    let mut stream = tokio::net::TcpStream::connect(t.server.addr())
+        .await
+        .unwrap();
+    let head = format!(
+        "POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {INFERENCE_KEY}\r\n\
+         Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"model\":"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(10), stream.read(&mut buf))
+        .await
+        .expect("no answer to a stalled body")
+        .unwrap();
+    let reply = String::from_utf8_lossy(&buf[..n]);
+    assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
+    assert!(reply.contains("\"code\":\"request_timeout\""), "{reply}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+
+    // A kept-alive connection that sends no further request is closed, not held.
+    let mut idle = tokio::net::TcpStream::connect(t.server.addr())
+        .await
+        .unwrap();
+    idle.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let n = idle.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        idle.read_to_end(&mut rest),
+    )
+    .await;
+    assert!(
+        closed.is_ok(),
+        "an idle keep-alive connection was held open"
+    );
+    assert_eq!(t.get("/health", None).await.status, 200);
+    t.server.shutdown().await;
+}
