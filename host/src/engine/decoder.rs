@@ -336,15 +336,15 @@ impl Decoder {
             cache.len += n;
         }
         // The output layer for the wanted rows only.
-        let mut last = Vec::with_capacity(wanted.len() * width);
+        let mut gathered = Vec::with_capacity(wanted.len() * width);
         for &row in wanted {
             let x =
                 s.x.get(row * width..(row + 1) * width)
                     .ok_or_else(|| candle_core::Error::Msg("wanted row out of range".into()))?;
-            let mut normed = Vec::with_capacity(width);
-            rms_norm(x, &self.norm, c.rms_eps as f32, &mut normed);
-            last.extend_from_slice(&normed);
+            gathered.extend_from_slice(x);
         }
+        let mut last = Vec::new();
+        rms_norm(&gathered, &self.norm, c.rms_eps as f32, &mut last);
         drop(guard);
         let x = Tensor::from_vec(last, (wanted.len(), width), &Device::Cpu)?;
         self.output.forward(&x)?.to_vec2()

@@ -114,7 +114,7 @@ fn batched_decoding_is_bit_identical_to_decoding_alone() {
 /// tokens; and it stops at a stop string wherever the tokens cut it.
 #[test]
 fn incremental_text_equals_decoding_the_whole_answer() {
-    use warden::engine::{GgufTokenizer, TextState};
+    use warden::engine::GgufTokenizer;
     let path = warden_tests::models_dir().join(warden::config::DEFAULT_TEXT_MODEL);
     let mut file = std::fs::File::open(&path).unwrap();
     let content = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
@@ -126,19 +126,8 @@ fn incremental_text_equals_decoding_the_whole_answer() {
     assert!(ids.len() > 500, "{}", ids.len());
     assert_eq!(tokenizer.decode(&ids).unwrap(), text);
 
-    let run = |stop: Vec<String>| {
-        let mut state = TextState::new(stop);
-        let mut out = String::new();
-        for n in 1..=ids.len() {
-            let piece = state.push(&tokenizer, &ids[..n]).unwrap();
-            out.push_str(piece.delta.as_deref().unwrap_or(""));
-            if piece.stopped {
-                return (out, true);
-            }
-        }
-        out.push_str(&state.finish(&tokenizer, &ids).unwrap().unwrap_or_default());
-        (out, false)
-    };
+    // The engine's own loop: one token at a time, then the end of the answer.
+    let run = |stop: Vec<String>| warden::http::fuzz::stream_text(&tokenizer, &ids, stop).unwrap();
     assert_eq!(run(Vec::new()), (text.clone(), false));
     // Tokens that never complete a character (found by the tokenizer fuzz target): the end
     // of the stream releases them as decoding renders them, so streamed equals whole.
@@ -146,18 +135,7 @@ fn incremental_text_equals_decoding_the_whole_answer() {
     ragged.extend([26728, 26728]);
     let whole = tokenizer.decode(&ragged).unwrap();
     assert!(whole.ends_with('\u{FFFD}'), "{whole:?}");
-    let mut state = TextState::new(Vec::new());
-    let mut streamed = String::new();
-    for n in 1..=ragged.len() {
-        let piece = state.push(&tokenizer, &ragged[..n]).unwrap();
-        streamed.push_str(piece.delta.as_deref().unwrap_or(""));
-    }
-    streamed.push_str(
-        &state
-            .finish(&tokenizer, &ragged)
-            .unwrap()
-            .unwrap_or_default(),
-    );
+    let (streamed, _) = warden::http::fuzz::stream_text(&tokenizer, &ragged, Vec::new()).unwrap();
     assert_eq!(streamed, whole);
     // Stop strings that start inside multi-byte characters' tokens and span several tokens.
     for stop in ["晴れ", "🐉 —", "café 👩", "12345 +"] {
