@@ -4,8 +4,8 @@
 //! GGUF stores every layer's weights as Q4_1, so its scalar loop was most of the time of a
 //! forward pass. [`Q41Matrix`] repacks the weights at load ([`kernels::q4`](super::kernels::q4))
 //! and runs them with AVX-512 VNNI, AVX2 or portable code, chosen at run time, on the shared
-//! kernel thread pool. The activations' Q8_1 quantization and the float arithmetic are
-//! candle's, in candle's order, so the results are bit-identical to candle's `QMatMul` (the
+//! kernel thread pool. The activations' Q8_1 quantization ([`Rounding::Candle`]) and the
+//! float arithmetic are candle's, in candle's order, so the results are bit-identical to candle's `QMatMul` (the
 //! tests check it), which keeps the decoder bit-identical to candle-transformers'
 //! `quantized_llama`, whose agreement with llama.cpp is measured in docs/performance.md.
 
@@ -14,7 +14,7 @@ use candle_core::{Result, Tensor};
 
 use super::kernels::Isa;
 use super::kernels::pool::Pool;
-use super::kernels::q4::{BLOCK, Q41Packed, Q81};
+use super::kernels::q4::{BLOCK, Q41Packed, Q81, Rounding};
 
 /// A Q4_1 weight matrix of shape (`rows`, `cols`), used as `x · Wᵀ`.
 #[derive(Debug)]
@@ -51,7 +51,7 @@ impl Q41Matrix {
         }
         let input = x.flatten_all()?.to_vec1::<f32>()?;
         let mut quantized = Q81::default();
-        quantized.quantize(&input, k);
+        quantized.quantize_as(&input, k, Rounding::Candle);
         let mut out = vec![0f32; quantized.rows() * self.packed.rows()];
         self.packed
             .matmul(&quantized, &mut out, Isa::active(), Pool::global());

@@ -213,6 +213,22 @@ fn load_fused() -> warden::engine::decoder::Decoder {
     warden::engine::decoder::Decoder::from_gguf(&content, &mut file).unwrap()
 }
 
+/// 0 if `got` picks the token `want` picks; 1 if it picks another whose logit in `want` is
+/// within a near tie (half a logit; the logits differ by up to 5 % of about 20) of the best;
+/// a failure otherwise.
+fn same_or_tie(got: &[f32], want: &[f32]) -> usize {
+    let (ours, theirs) = (argmax(got) as usize, argmax(want) as usize);
+    if ours == theirs {
+        return 0;
+    }
+    let margin = want[theirs] - want[ours];
+    assert!(
+        margin < 0.5,
+        "token {ours} instead of {theirs}, margin {margin}"
+    );
+    1
+}
+
 /// Largest absolute difference between two logit vectors, relative to the largest logit.
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     let scale = b.iter().fold(1f32, |m, v| m.max(v.abs()));
@@ -221,32 +237,26 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 
 /// The fused decoder against the tensor-graph decoder (which equals candle's
 /// `quantized_llama` bit for bit): the same greedy tokens prompt whole, in chunks, one token
-/// at a time and batched, and logits within a stated bound. On many prompts the logits are
-/// bit-identical; on others they differ by 1–5 % of the largest logit. That is rounding,
-/// amplified: the attention's probability-weighted sums are not added in the order of
-/// candle's `gemm`, and the Q8_1 requantization at every layer turns a one-ulp difference
-/// into whole quantization steps (scaling the probabilities by 1 + ε, one ulp, made the
-/// differing prompts bit-identical and moved the agreement with llama.cpp from 57 to 59
-/// of 64 positions). The reference itself differs this much between a prompt prefilled
-/// whole and fed token by token (docs/architecture.md).
+/// at a time and batched, and logits within a stated bound. They are not bit-identical: the
+/// fused decoder follows ggml's arithmetic (llama.cpp's), not candle's: activations quantized
+/// with `127/max` and rounded half to even, an f16 KV cache, the query and attention
+/// probabilities rounded to f16, RMSNorm summed in f64. Each is one rounding step, but the
+/// Q8_1 requantization at every layer turns a one-ulp difference into whole quantization
+/// steps, so the logits differ by up to about 5 % of the largest one on some prompts. The
+/// reference itself differs this much between a prompt prefilled whole and fed token by
+/// token (docs/architecture.md); what the difference does to quality is measured against
+/// llama.cpp (perplexity below, greedy agreement in generation.rs).
 #[test]
 fn the_fused_decoder_agrees_with_the_reference_path() {
     const BOUND: f32 = 0.08;
     let reference = load_weights();
     let fused = load_fused();
-    for exact in [&[1u32][..], &[1, 4093], &[5, 5, 5, 5, 5]] {
-        let want = reference
-            .forward(exact, &mut reference.new_cache())
-            .unwrap();
-        let got = fused.forward(exact, &mut fused.new_cache()).unwrap();
-        assert_eq!(got, want, "{exact:?}");
-    }
     let prompts: [&[u32]; 3] = [
         &[1, 4093, 198, 504, 3575, 282, 4649, 314],
         &[1, 4093, 198, 10665, 1040, 1326, 314, 253, 1345, 30],
         &[1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 30, 2],
     ];
-    let mut worst = 0f32;
+    let (mut worst, mut ties) = (0f32, 0);
     let mut caches = Vec::new();
     let mut reference_caches = Vec::new();
     let mut next = Vec::new();
@@ -263,24 +273,95 @@ fn the_fused_decoder_agrees_with_the_reference_path() {
         }
         for g in [&got, &last] {
             worst = worst.max(max_diff(g, &want));
-            assert_eq!(argmax(g), argmax(&want));
+            ties += same_or_tie(g, &want);
         }
         next.push(argmax(&want));
         caches.push(cache);
         reference_caches.push(rcache);
     }
     // 16 batched steps of the three sequences.
-    for step in 0..16 {
+    for _ in 0..16 {
         let mut refs: Vec<&mut _> = reference_caches.iter_mut().collect();
         let want = reference.forward_batch(&next, &mut refs).unwrap();
         let mut ours: Vec<&mut _> = caches.iter_mut().collect();
         let got = fused.forward_batch(&next, &mut ours).unwrap();
         for (g, w) in got.iter().zip(&want) {
             worst = worst.max(max_diff(g, w));
-            assert_eq!(argmax(g), argmax(w), "step {step}");
+            ties += same_or_tie(g, w);
         }
         next = want.iter().map(|w| argmax(w)).collect();
     }
-    eprintln!("fused decoder: largest logit difference {worst:e} of the largest logit");
+    eprintln!(
+        "fused decoder: largest logit difference {worst:e} of the largest logit, {ties} near ties"
+    );
     assert!(worst <= BOUND, "{worst}");
+    assert!(ties <= 2, "{ties} of 57 greedy choices differ");
+}
+
+/// Perplexity over `tokens` as llama.cpp's `llama-perplexity -c n_ctx` computes it: whole
+/// chunks of `n_ctx` tokens, each from an empty cache (no BOS: SmolLM2 does not add one),
+/// and in each chunk the predictions of its second half scored, `-ln p(next)` averaged over
+/// all chunks. Returns the perplexity of every chunk so far, as llama.cpp prints them.
+fn perplexity(
+    decoder: &warden::engine::decoder::Decoder,
+    tokens: &[u32],
+    n_ctx: usize,
+) -> Vec<f64> {
+    let first = n_ctx / 2;
+    let wanted: Vec<usize> = (first..n_ctx - 1).collect();
+    let (mut nll, mut count) = (0f64, 0usize);
+    let mut running = Vec::new();
+    for chunk in tokens.chunks_exact(n_ctx) {
+        let logits = decoder
+            .forward_rows(chunk, &mut decoder.new_cache(), &wanted)
+            .unwrap();
+        for (row, &at) in logits.iter().zip(&wanted) {
+            let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            let sum: f64 = row.iter().map(|&v| f64::from(v - max).exp()).sum();
+            let next = chunk[at + 1] as usize;
+            nll -= f64::from(row[next] - max) - sum.ln();
+            count += 1;
+        }
+        running.push((nll / count as f64).exp());
+    }
+    running
+}
+
+/// The text engine's perplexity on a public-domain text is llama.cpp's, within 1 %
+/// (`tests/fixtures/perplexity/`: the text, and llama-perplexity's figures with the command
+/// that produced them).
+#[test]
+fn perplexity_is_within_one_percent_of_llama_cpp() {
+    let dir = warden_tests::root().join("tests/fixtures/perplexity");
+    let fixture: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("llama-perplexity.json")).unwrap())
+            .unwrap();
+    let text = std::fs::read_to_string(dir.join(fixture["text"].as_str().unwrap())).unwrap();
+    let path = warden_tests::models_dir().join(warden::config::DEFAULT_TEXT_MODEL);
+    let mut file = std::fs::File::open(&path).unwrap();
+    let content = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
+    let tokenizer = warden::engine::GgufTokenizer::from_gguf(&content).unwrap();
+    let decoder = warden::engine::decoder::Decoder::from_gguf(&content, &mut file).unwrap();
+    let tokens = tokenizer.encode(&text, true, false).unwrap();
+    let n_ctx = fixture["n_ctx"].as_u64().unwrap() as usize;
+    let ours = perplexity(&decoder, &tokens, n_ctx);
+    let theirs: Vec<f64> = fixture["chunk_perplexities"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    eprintln!(
+        "perplexity over {} tokens: Warden {ours:.4?}, llama.cpp {theirs:?}",
+        tokens.len()
+    );
+    assert_eq!(ours.len(), theirs.len(), "chunks of {n_ctx} tokens");
+    let (ours, theirs) = (
+        ours[ours.len() - 1],
+        fixture["perplexity"].as_f64().unwrap(),
+    );
+    assert!(
+        (ours / theirs - 1.0).abs() < 0.01,
+        "perplexity {ours:.4} against llama.cpp's {theirs:.4}"
+    );
 }

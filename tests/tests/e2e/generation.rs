@@ -165,8 +165,10 @@ async fn greedy_tokens_follow_llama_cpp() {
         );
     }
     eprintln!("greedy vs llama.cpp: {same} positions equal, {ties} numerical ties");
+    // At least as many as the tensor-graph decoder (candle's arithmetic) had: 59 of 64.
+    // The fused decoder, which follows ggml's rounding, has 60.
     assert!(
-        same >= cases.len() * GREEDY_PREFIX * 3 / 4,
+        same + 5 >= cases.len() * GREEDY_PREFIX,
         "{same} equal, {ties} ties"
     );
     t.server.shutdown().await;

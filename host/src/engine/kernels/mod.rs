@@ -7,17 +7,94 @@
 //! run-time feature checks, and the pool's hand-over of a borrowed closure to its worker
 //! threads. Every SIMD kernel has a plain scalar reference and tests that it agrees.
 
+pub mod attention;
 pub mod pool;
 pub mod q4;
+pub mod q8;
 
 use std::sync::OnceLock;
+
+use pool::Pool;
+use q4::{GROUP, Q81};
+
+/// Activation rows computed together against one group's weights (register tile).
+const TILE: usize = 4;
+
+/// A matrix repacked in groups of [`GROUP`] rows, whose kernel computes one group's sums
+/// for up to [`TILE`] activation rows at a time; [`grouped_matmul`] drives it.
+trait Grouped: Sync {
+    /// Output width.
+    fn rows(&self) -> usize;
+    /// Groups of [`GROUP`] rows (the last one may be partial).
+    fn groups(&self) -> usize;
+    /// Group `g`'s sums for activation rows `start..start + count` (`count` ≤ [`TILE`]),
+    /// with the kernels of `isa`, which the CPU supports.
+    fn group(
+        &self,
+        g: usize,
+        x: &Q81,
+        start: usize,
+        count: usize,
+        tile: &mut [[f32; GROUP]; TILE],
+        isa: Isa,
+    );
+}
+
+/// `out[n·rows + r] = x_n · W_r` for every activation row `n`: the groups split among the
+/// pool's threads, each group run against the activations a tile at a time, so a group's
+/// weights are read once per tile while they are in L1.
+fn grouped_matmul(w: &impl Grouped, x: &Q81, out: &mut [f32], isa: Isa, pool: &Pool) {
+    let (n, rows) = (x.rows(), w.rows());
+    assert_eq!(out.len(), n * rows, "output size");
+    assert!(isa.supported(), "{} is not supported here", isa.as_str());
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    pool.for_ranges(w.groups(), 1, &|groups| {
+        let mut tile = [[0f32; GROUP]; TILE];
+        for g in groups {
+            let width = GROUP.min(rows - g * GROUP);
+            let mut start = 0;
+            while start < n {
+                let count = (n - start).min(TILE);
+                w.group(g, x, start, count, &mut tile, isa);
+                for (i, sums) in tile[..count].iter().enumerate() {
+                    let at = (start + i) * rows + g * GROUP;
+                    // SAFETY: each group writes only its own columns `g·16..g·16+width` of
+                    // each output row, and groups are split among tasks without overlap,
+                    // so no two threads write the same element; `at + width` is within
+                    // `out` (n·rows long) by the assertion above.
+                    #[allow(unsafe_code)]
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(sums.as_ptr(), out_ptr.get().add(at), width);
+                    }
+                }
+                start += count;
+            }
+        }
+    });
+}
+
+/// A raw output pointer that tasks on other threads may write through (disjointly).
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: only used by `grouped_matmul`, whose tasks write disjoint elements and finish
+// before it returns.
+#[allow(unsafe_code)]
+unsafe impl Send for SendPtr {}
+#[allow(unsafe_code)]
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
 
 /// An instruction set the kernels can use, in increasing order of capability.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Isa {
     /// Portable Rust, any CPU.
     Scalar,
-    /// AVX2 with F16C (x86-64 since about 2013).
+    /// AVX2 with FMA and F16C (x86-64 since about 2013).
     Avx2,
     /// AVX-512 (F, BW, VL) with VNNI: `vpdpbusd`, 64 int8 multiply-adds per instruction.
     Avx512Vnni,
@@ -51,7 +128,9 @@ impl Isa {
             Isa::Scalar => true,
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => {
-                std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("f16c")
+                std::is_x86_feature_detected!("avx2")
+                    && std::is_x86_feature_detected!("fma")
+                    && std::is_x86_feature_detected!("f16c")
             }
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512Vnni => {
