@@ -14,7 +14,7 @@ OPENAI_VERSION := 2.54.0
 MINILM := $(MODELS_DIR)/all-MiniLM-L6-v2/model.safetensors
 SMOLLM := $(MODELS_DIR)/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: run build plugins models wasm-target venv bench-venv bench bench-swap bench-memory bench-sanitizer soak overload fuzz secret-scan coverage promtool monitoring lint test fmt clean
+.PHONY: run build plugins models wasm-target venv bench-venv llama-cpp bench bench-swap bench-memory bench-sanitizer soak overload fuzz secret-scan coverage promtool monitoring lint test fmt clean
 
 ## Serve on $WARDEN_LISTEN (default 127.0.0.1:8080); honours every WARDEN_* variable.
 run: wasm-target models plugins build
@@ -78,15 +78,24 @@ bench-venv: .bench-venv/.llama-cpp-$(LLAMA_CPP_VERSION)
 .bench-venv/.llama-cpp-$(LLAMA_CPP_VERSION):
 	$(PYTHON) -m venv .bench-venv
 	CMAKE_ARGS="-DGGML_NATIVE=ON" .bench-venv/bin/pip install --quiet \
-		'llama-cpp-python[server]==$(LLAMA_CPP_VERSION)' openai==$(OPENAI_VERSION)
+		'llama-cpp-python==$(LLAMA_CPP_VERSION)' numpy openai==$(OPENAI_VERSION)
 	touch $@
+
+## llama.cpp's own C++ llama-server and llama-perplexity, from the vendor/llama.cpp tree of the
+## same release's source distribution, cached in .llama-cpp/ (git-ignored); not for tests.
+LLAMA_CPP_DIR := .llama-cpp
+LLAMA_SERVER  := $(LLAMA_CPP_DIR)/build/bin/llama-server
+llama-cpp: $(LLAMA_SERVER)
+
+$(LLAMA_SERVER):
+	tests/bench/build_llama_cpp.sh $(LLAMA_CPP_DIR) $(LLAMA_CPP_VERSION)
 
 ## Warden next to llama.cpp on this machine, in one run (docs/performance.md).
 BENCH_ROUNDS ?= 3
-bench: models plugins bench-venv
+bench: models plugins bench-venv llama-cpp
 	$(CARGO) build --release --locked -p warden --bin warden --example bench_text
 	.bench-venv/bin/python tests/python/bench_generation.py $(SMOLLM) \
-		target/release/warden target/release/examples/bench_text $(BENCH_ROUNDS)
+		target/release/warden target/release/examples/bench_text $(LLAMA_SERVER) $(BENCH_ROUNDS)
 
 ## Plugin swap latency: cold start (compiles), warm start (disk cache), swaps and rollback.
 bench-swap: plugins

@@ -140,7 +140,7 @@ impl Default for EngineConfig {
         Self {
             queue_capacity: 64,
             max_batch: 32,
-            max_sequences: 4,
+            max_sequences: 8,
             queue_timeout_ms: 30_000,
             breaker_failures: 5,
             breaker_cooldown_ms: 10_000,

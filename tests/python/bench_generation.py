@@ -2,9 +2,11 @@
 chat through each one's OpenAI-compatible HTTP server.
 
 Usage (from the workspace root, see docs/performance.md):
-    python bench_generation.py MODEL.gguf WARDEN_BIN BENCH_TEXT_BIN [rounds]
+    python bench_generation.py MODEL.gguf WARDEN_BIN BENCH_TEXT_BIN LLAMA_SERVER_BIN [rounds]
 
-Needs llama-cpp-python[server]==0.3.36 built with CMAKE_ARGS=-DGGML_NATIVE=ON, and openai.
+Needs llama-cpp-python==0.3.36 built with CMAKE_ARGS=-DGGML_NATIVE=ON (in-process peer),
+llama.cpp's own llama-server from the same release (tests/bench/build_llama_cpp.sh; the HTTP
+peer) and openai.
 In-process figures alternate A/B for `rounds` rounds (each a warm-up plus 5 timed runs) and
 report medians; HTTP figures are medians of 5 requests after a warm-up, or one timed burst.
 """
@@ -22,8 +24,8 @@ import urllib.request
 import numpy as np
 from llama_cpp import Llama
 
-MODEL, WARDEN, BENCH_TEXT = sys.argv[1], sys.argv[2], sys.argv[3]
-ROUNDS = int(sys.argv[4]) if len(sys.argv) > 4 else 3
+MODEL, WARDEN, BENCH_TEXT, LLAMA_SERVER = sys.argv[1:5]
+ROUNDS = int(sys.argv[5]) if len(sys.argv) > 5 else 3
 THREADS = 2
 RUNS = 5
 
@@ -83,7 +85,10 @@ def wait_ready(url, timeout=120):
     raise SystemExit(f"server at {url} not ready")
 
 
-def chat_figures(base, key, model):
+def chat_figures(base, key, model, extra):
+    """One server's HTTP figures: one client's chat latency (max_tokens 64), time to first
+    token of a 512-token prompt (streamed, no prompt cache), and aggregate tokens/s with 1,
+    8 and 32 concurrent clients with request latency p50/p99 at 8."""
     import openai
 
     client = openai.OpenAI(base_url=base, api_key=key, max_retries=0, timeout=600)
@@ -91,29 +96,51 @@ def chat_figures(base, key, model):
 
     def one():
         t = time.perf_counter()
-        r = client.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=64)
+        r = client.chat.completions.create(model=model, messages=messages, temperature=0,
+                                           max_tokens=64, extra_body=extra)
         return time.perf_counter() - t, r.usage.completion_tokens
 
     one()
     runs = [one() for _ in range(RUNS)]
-    latency = statistics.median(t for t, _ in runs)
-    tokens = statistics.median(n for _, n in runs)
+    out = {"chat_64_latency_ms": statistics.median(t for t, _ in runs) * 1000,
+           "chat_64_tokens": statistics.median(n for _, n in runs)}
 
-    results = []
+    def first_token():
+        t = time.perf_counter()
+        stream = client.completions.create(model=model, prompt=prompt(512), max_tokens=4,
+                                           temperature=0, stream=True, extra_body=extra)
+        first = None
+        for chunk in stream:
+            if first is None and chunk.choices and chunk.choices[0].text:
+                first = time.perf_counter() - t
+        return first if first is not None else time.perf_counter() - t
 
-    def client_loop():
-        for _ in range(2):
-            results.append(one()[1])
+    first_token()
+    out["ttft_512_ms"] = statistics.median(first_token() for _ in range(RUNS)) * 1000
 
-    threads = [threading.Thread(target=client_loop) for _ in range(8)]
-    t = time.perf_counter()
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    aggregate = sum(results) / (time.perf_counter() - t)
-    return {"chat_64_latency_ms": latency * 1000, "chat_64_tokens": tokens,
-            "chat_8_clients_tok_per_s": aggregate}
+    for clients in (1, 8, 32):
+        results = []
+        lock = threading.Lock()
+
+        def client_loop():
+            for _ in range(2):
+                r = one()
+                with lock:
+                    results.append(r)
+
+        threads = [threading.Thread(target=client_loop) for _ in range(clients)]
+        t = time.perf_counter()
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        wall = time.perf_counter() - t
+        out[f"clients_{clients}_tok_per_s"] = sum(n for _, n in results) / wall
+        if clients == 8:
+            lat = sorted(t for t, _ in results)
+            out["clients_8_p50_ms"] = statistics.median(lat) * 1000
+            out["clients_8_p99_ms"] = lat[min(len(lat) - 1, int(0.99 * len(lat)))] * 1000
+    return out
 
 
 def http_figures():
@@ -128,19 +155,22 @@ def http_figures():
                                 stdout=subprocess.DEVNULL, stderr=open(os.path.join(tmp, "log"), "w"))
         try:
             wait_ready(f"http://127.0.0.1:{port}/ready")
-            out["warden"] = chat_figures(f"http://127.0.0.1:{port}/v1", "bench-key", "SmolLM2-135M-Instruct")
+            out["warden"] = chat_figures(f"http://127.0.0.1:{port}/v1", "bench-key",
+                                         "SmolLM2-135M-Instruct", None)
         finally:
             proc.terminate()
             proc.wait()
-    # llama.cpp's server.
+    # llama.cpp's own C++ server, as an operator would run it: 8 slots of 2,048 tokens,
+    # continuous batching; the prompt cache off per request, so every prompt is prefilled.
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", MODEL,
-                             "--n_threads", str(THREADS), "--n_threads_batch", str(THREADS),
-                             "--n_ctx", "8192", "--port", str(port)],
+    proc = subprocess.Popen([LLAMA_SERVER, "-m", MODEL, "-t", str(THREADS), "-tb", str(THREADS),
+                             "-np", "8", "--cont-batching", "-c", str(8 * 2048),
+                             "--host", "127.0.0.1", "--port", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_ready(f"http://127.0.0.1:{port}/v1/models")
-        out["llama.cpp"] = chat_figures(f"http://127.0.0.1:{port}/v1", "none", "x")
+        wait_ready(f"http://127.0.0.1:{port}/health")
+        out["llama.cpp"] = chat_figures(f"http://127.0.0.1:{port}/v1", "none", "x",
+                                        {"cache_prompt": False})
     finally:
         proc.terminate()
         proc.wait()
@@ -159,7 +189,7 @@ def main():
     def median(runs, fig):
         return statistics.median(r[fig] for r in runs)
 
-    print("| figure | Warden | llama.cpp | Warden / llama.cpp |")
+    print("| figure | Warden | llama.cpp (in-process: llama-cpp-python; HTTP: llama-server -np 8) | Warden / llama.cpp |")
     print("|---|---|---|---|")
     for fig, tokens in (("prefill_64", 64), ("prefill_512", 512), ("decode_128", 128)):
         w, p = tokens / median(ours, fig), tokens / median(peer, fig)
@@ -172,9 +202,17 @@ def main():
     w, p = http["warden"], http["llama.cpp"]
     print(f"| chat, max_tokens 64, one client (ms/request) | {w['chat_64_latency_ms']:.0f} "
           f"({w['chat_64_tokens']:.0f} tokens) | {p['chat_64_latency_ms']:.0f} ({p['chat_64_tokens']:.0f} tokens) "
-          f"| {p['chat_64_latency_ms'] / w['chat_64_latency_ms']:.2f} (speed) |")
-    print(f"| chat, 8 concurrent clients (aggregate tok/s) | {w['chat_8_clients_tok_per_s']:.0f} "
-          f"| {p['chat_8_clients_tok_per_s']:.0f} | {w['chat_8_clients_tok_per_s'] / p['chat_8_clients_tok_per_s']:.2f} |")
+          f"| {w['chat_64_latency_ms'] / p['chat_64_latency_ms']:.2f} (latency) |")
+    print(f"| time to first token, 512-token prompt (ms) | {w['ttft_512_ms']:.0f} | {p['ttft_512_ms']:.0f} "
+          f"| {w['ttft_512_ms'] / p['ttft_512_ms']:.2f} (latency) |")
+    for clients in (1, 8, 32):
+        fig = f"clients_{clients}_tok_per_s"
+        print(f"| chat, {clients} concurrent clients (aggregate tok/s) | {w[fig]:.0f} | {p[fig]:.0f} "
+              f"| {w[fig] / p[fig]:.2f} |")
+    for q in ("p50", "p99"):
+        fig = f"clients_8_{q}_ms"
+        print(f"| chat, 8 clients, request latency {q} (ms) | {w[fig]:.0f} | {p[fig]:.0f} "
+              f"| {w[fig] / p[fig]:.2f} (latency) |")
 
     print()
     print("| prefill of a 2,048-token prompt (seconds, in-process) | Warden | llama.cpp | Warden / llama.cpp |")
