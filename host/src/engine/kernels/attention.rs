@@ -75,15 +75,13 @@ pub fn attend(
             }
         }
     }
+    // The softmax as ggml's: e^(s − max) summed in f64, scaled by the f32 of its inverse,
+    // and the probabilities rounded to f16 as ggml's f16 product with V rounds them.
     let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-    let mut sum = 0f32;
+    let sum = super::math::exp_sub_sum(isa, scores, max);
+    let scale = (1.0 / sum) as f32;
     for s in scores.iter_mut() {
-        *s = (*s - max).exp();
-        sum += *s;
-    }
-    let inv = 1.0 / sum;
-    for s in scores.iter_mut() {
-        *s = f16::from_f32(*s * inv).to_f32();
+        *s = f16::from_f32(*s * scale).to_f32();
     }
     let inv = 1.0;
     out.fill(0.0);

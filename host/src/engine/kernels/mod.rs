@@ -8,6 +8,7 @@
 //! threads. Every SIMD kernel has a plain scalar reference and tests that it agrees.
 
 pub mod attention;
+pub mod math;
 pub mod pool;
 pub mod q4;
 pub mod q8;
