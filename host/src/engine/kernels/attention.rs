@@ -135,18 +135,27 @@ unsafe fn scores_avx512(q: &[f32], kv: HeadView<'_>, scores: &mut [f32], scale: 
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 unsafe fn weighted_avx512(kv: HeadView<'_>, scores: &[f32], inv: f32, out: &mut [f32]) {
     use std::arch::x86_64::*;
-    let dim = out.len();
-    for (j, &p) in scores.iter().enumerate() {
-        let p = _mm512_set1_ps(p * inv);
-        let base = j * kv.stride + kv.offset;
-        for i in (0..dim).step_by(16) {
-            // SAFETY: as in `scores_avx512`, for the values; `i + 16 ≤ dim = out.len()`.
-            unsafe {
-                let v =
-                    _mm512_cvtph_ps(_mm256_loadu_si256(kv.values.as_ptr().add(base + i).cast()));
-                let o = out.as_mut_ptr().add(i);
-                _mm512_storeu_ps(o, _mm512_fmadd_ps(p, v, _mm512_loadu_ps(o)));
+    // The outputs in registers, 64 at a time (a head of 64 in one pass), so no key waits on
+    // the previous key's store.
+    for c in (0..out.len()).step_by(64) {
+        let lanes = (out.len() - c).min(64) / 16;
+        let mut acc = [_mm512_setzero_ps(); 4];
+        for (j, &p) in scores.iter().enumerate() {
+            let p = _mm512_set1_ps(p * inv);
+            let base = j * kv.stride + kv.offset + c;
+            for (l, acc) in acc[..lanes].iter_mut().enumerate() {
+                // SAFETY: as in `scores_avx512`, for the values: `c + 16·l + 16 ≤ dim`.
+                let v = unsafe {
+                    _mm512_cvtph_ps(_mm256_loadu_si256(
+                        kv.values.as_ptr().add(base + 16 * l).cast(),
+                    ))
+                };
+                *acc = _mm512_fmadd_ps(p, v, *acc);
             }
+        }
+        for (l, acc) in acc[..lanes].iter().enumerate() {
+            // SAFETY: `c + 16·l + 16 ≤ dim = out.len()`.
+            unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(c + 16 * l), *acc) };
         }
     }
 }
@@ -179,17 +188,24 @@ unsafe fn scores_avx2(q: &[f32], kv: HeadView<'_>, scores: &mut [f32], scale: f3
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn weighted_avx2(kv: HeadView<'_>, scores: &[f32], inv: f32, out: &mut [f32]) {
     use std::arch::x86_64::*;
-    let dim = out.len();
-    for (j, &p) in scores.iter().enumerate() {
-        let p = _mm256_set1_ps(p * inv);
-        let base = j * kv.stride + kv.offset;
-        for i in (0..dim).step_by(8) {
-            // SAFETY: as in `scores_avx2`, for the values; `i + 8 ≤ dim = out.len()`.
-            unsafe {
-                let v = _mm256_cvtph_ps(_mm_loadu_si128(kv.values.as_ptr().add(base + i).cast()));
-                let o = out.as_mut_ptr().add(i);
-                _mm256_storeu_ps(o, _mm256_fmadd_ps(p, v, _mm256_loadu_ps(o)));
+    // As `weighted_avx512`: 64 outputs at a time in registers.
+    for c in (0..out.len()).step_by(64) {
+        let lanes = (out.len() - c).min(64) / 8;
+        let mut acc = [_mm256_setzero_ps(); 8];
+        for (j, &p) in scores.iter().enumerate() {
+            let p = _mm256_set1_ps(p * inv);
+            let base = j * kv.stride + kv.offset + c;
+            for (l, acc) in acc[..lanes].iter_mut().enumerate() {
+                // SAFETY: as in `scores_avx2`, for the values: `c + 8·l + 8 ≤ dim`.
+                let v = unsafe {
+                    _mm256_cvtph_ps(_mm_loadu_si128(kv.values.as_ptr().add(base + 8 * l).cast()))
+                };
+                *acc = _mm256_fmadd_ps(p, v, *acc);
             }
+        }
+        for (l, acc) in acc[..lanes].iter().enumerate() {
+            // SAFETY: `c + 8·l + 8 ≤ dim = out.len()`.
+            unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(c + 8 * l), *acc) };
         }
     }
 }

@@ -30,7 +30,10 @@ pub fn exp(x: f32) -> f32 {
     let n = z - ROUND;
     let b = (-n).mul_add(LN2_LO, (-n).mul_add(LN2_HI, x));
     let u = b * b;
-    let j = P5.mul_add(b, P4).mul_add(u, P3.mul_add(b, P2)).mul_add(u, P1.mul_add(b, 1.0));
+    let j = P5
+        .mul_add(b, P4)
+        .mul_add(u, P3.mul_add(b, P2))
+        .mul_add(u, P1.mul_add(b, 1.0));
     if n.abs() > 192.0 {
         return if n <= 0.0 { 0.0 } else { f32::INFINITY };
     }
@@ -115,11 +118,7 @@ fn exp_avx512(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
         return res;
     }
     let negative = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(n, _mm512_setzero_ps());
-    let alt = _mm512_mask_blend_ps(
-        negative,
-        _mm512_set1_ps(f32::INFINITY),
-        _mm512_setzero_ps(),
-    );
+    let alt = _mm512_mask_blend_ps(negative, _mm512_set1_ps(f32::INFINITY), _mm512_setzero_ps());
     _mm512_mask_blend_ps(big, res, alt)
 }
 
@@ -273,7 +272,9 @@ mod tests {
     /// Inputs over the whole range: tiny, ordinary, near the overflow and underflow edges.
     fn inputs() -> Vec<f32> {
         let mut v: Vec<f32> = (-2000..=2000).map(|i| i as f32 * 0.05).collect();
-        v.extend([-200.0, -110.0, -87.0, -1e-7, 0.0, 1e-7, 88.0, 88.8, 89.0, 200.0]);
+        v.extend([
+            -200.0, -110.0, -87.0, -1e-7, 0.0, 1e-7, 88.0, 88.8, 89.0, 200.0,
+        ]);
         v
     }
 
@@ -318,7 +319,12 @@ mod tests {
             let mut got = vec![0f32; g.len()];
             silu_mul(isa, &g, &u, &mut got);
             for (a, b) in got.iter().zip(&want) {
-                assert_eq!(a.to_bits(), b.to_bits(), "{} silu: {a} vs {b}", isa.as_str());
+                assert_eq!(
+                    a.to_bits(),
+                    b.to_bits(),
+                    "{} silu: {a} vs {b}",
+                    isa.as_str()
+                );
             }
         }
     }
