@@ -134,29 +134,51 @@ unsafe fn scores_avx512(q: &[f32], kv: HeadView<'_>, scores: &mut [f32], scale: 
 #[allow(unsafe_code)]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 unsafe fn weighted_avx512(kv: HeadView<'_>, scores: &[f32], inv: f32, out: &mut [f32]) {
-    use std::arch::x86_64::*;
     // The outputs in registers, 64 at a time (a head of 64 in one pass), so no key waits on
-    // the previous key's store.
+    // the previous key's store; the number of registers a constant, so they stay registers.
     for c in (0..out.len()).step_by(64) {
-        let lanes = (out.len() - c).min(64) / 16;
-        let mut acc = [_mm512_setzero_ps(); 4];
-        for (j, &p) in scores.iter().enumerate() {
-            let p = _mm512_set1_ps(p * inv);
-            let base = j * kv.stride + kv.offset + c;
-            for (l, acc) in acc[..lanes].iter_mut().enumerate() {
-                // SAFETY: as in `scores_avx512`, for the values: `c + 16·l + 16 ≤ dim`.
-                let v = unsafe {
-                    _mm512_cvtph_ps(_mm256_loadu_si256(
-                        kv.values.as_ptr().add(base + 16 * l).cast(),
-                    ))
-                };
-                *acc = _mm512_fmadd_ps(p, v, *acc);
+        let end = (c + 64).min(out.len());
+        let out = &mut out[c..end];
+        // SAFETY: the CPU supports AVX-512 (the caller's contract); `c + out.len() ≤ dim`.
+        unsafe {
+            match out.len() / 16 {
+                4 => weighted_block_avx512::<4>(kv, scores, inv, c, out),
+                3 => weighted_block_avx512::<3>(kv, scores, inv, c, out),
+                2 => weighted_block_avx512::<2>(kv, scores, inv, c, out),
+                _ => weighted_block_avx512::<1>(kv, scores, inv, c, out),
             }
         }
-        for (l, acc) in acc[..lanes].iter().enumerate() {
-            // SAFETY: `c + 16·l + 16 ≤ dim = out.len()`.
-            unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(c + 16 * l), *acc) };
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn weighted_block_avx512<const L: usize>(
+    kv: HeadView<'_>,
+    scores: &[f32],
+    inv: f32,
+    c: usize,
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm512_setzero_ps(); L];
+    for (j, &p) in scores.iter().enumerate() {
+        let p = _mm512_set1_ps(p * inv);
+        let base = j * kv.stride + kv.offset + c;
+        for (l, acc) in acc.iter_mut().enumerate() {
+            // SAFETY: as in `scores_avx512`, for the values: `c + 16·L ≤ dim`.
+            let v = unsafe {
+                _mm512_cvtph_ps(_mm256_loadu_si256(
+                    kv.values.as_ptr().add(base + 16 * l).cast(),
+                ))
+            };
+            *acc = _mm512_fmadd_ps(p, v, *acc);
         }
+    }
+    for (l, acc) in acc.iter().enumerate() {
+        // SAFETY: `16·L ≤ out.len()`.
+        unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(16 * l), *acc) };
     }
 }
 
@@ -187,26 +209,51 @@ unsafe fn scores_avx2(q: &[f32], kv: HeadView<'_>, scores: &mut [f32], scale: f3
 #[allow(unsafe_code)]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn weighted_avx2(kv: HeadView<'_>, scores: &[f32], inv: f32, out: &mut [f32]) {
-    use std::arch::x86_64::*;
-    // As `weighted_avx512`: 64 outputs at a time in registers.
+    // As `weighted_avx512`: up to 64 outputs at a time in registers.
     for c in (0..out.len()).step_by(64) {
-        let lanes = (out.len() - c).min(64) / 8;
-        let mut acc = [_mm256_setzero_ps(); 8];
-        for (j, &p) in scores.iter().enumerate() {
-            let p = _mm256_set1_ps(p * inv);
-            let base = j * kv.stride + kv.offset + c;
-            for (l, acc) in acc[..lanes].iter_mut().enumerate() {
-                // SAFETY: as in `scores_avx2`, for the values: `c + 8·l + 8 ≤ dim`.
-                let v = unsafe {
-                    _mm256_cvtph_ps(_mm_loadu_si128(kv.values.as_ptr().add(base + 8 * l).cast()))
-                };
-                *acc = _mm256_fmadd_ps(p, v, *acc);
+        let end = (c + 64).min(out.len());
+        let out = &mut out[c..end];
+        // SAFETY: the CPU supports AVX2 and FMA (the caller's contract); `c + out.len() ≤ dim`.
+        unsafe {
+            match out.len() / 8 {
+                8 => weighted_block_avx2::<8>(kv, scores, inv, c, out),
+                4 => weighted_block_avx2::<4>(kv, scores, inv, c, out),
+                n => {
+                    for l in 0..n {
+                        weighted_block_avx2::<1>(kv, scores, inv, c + 8 * l, &mut out[8 * l..]);
+                    }
+                }
             }
         }
-        for (l, acc) in acc[..lanes].iter().enumerate() {
-            // SAFETY: `c + 8·l + 8 ≤ dim = out.len()`.
-            unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(c + 8 * l), *acc) };
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn weighted_block_avx2<const L: usize>(
+    kv: HeadView<'_>,
+    scores: &[f32],
+    inv: f32,
+    c: usize,
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm256_setzero_ps(); L];
+    for (j, &p) in scores.iter().enumerate() {
+        let p = _mm256_set1_ps(p * inv);
+        let base = j * kv.stride + kv.offset + c;
+        for (l, acc) in acc.iter_mut().enumerate() {
+            // SAFETY: as in `scores_avx2`, for the values: `c + 8·L ≤ dim`.
+            let v = unsafe {
+                _mm256_cvtph_ps(_mm_loadu_si128(kv.values.as_ptr().add(base + 8 * l).cast()))
+            };
+            *acc = _mm256_fmadd_ps(p, v, *acc);
         }
+    }
+    for (l, acc) in acc.iter().enumerate() {
+        // SAFETY: `8·L ≤ out.len()`.
+        unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(8 * l), *acc) };
     }
 }
 
