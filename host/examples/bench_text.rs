@@ -8,7 +8,8 @@
 //! whole prompt's time, and its longest chunk: the stall the other sequences now see).
 //! Prints one JSON object per figure (median of `runs` after a warm-up).
 //!
-//! `cargo run --release --example bench_text -- MODEL.gguf [runs]`
+//! `cargo run --release --example bench_text -- MODEL.gguf [runs]` (`BENCH_ONLY=decode` or
+//! `prefill` for one kind of figure, to profile it)
 
 use std::time::Instant;
 
@@ -44,8 +45,14 @@ fn main() {
     let mut file = std::fs::File::open(&path).expect("open model");
     let content = candle_core::quantized::gguf_file::Content::read(&mut file).expect("gguf");
     let weights = TextWeights::from_gguf(&content, &mut file).expect("weights");
+    // `BENCH_ONLY=decode` (or `prefill`) runs only the figures of that kind, for profiling.
+    let only = std::env::var("BENCH_ONLY").ok();
+    let want = |kind: &str| only.as_deref().is_none_or(|o| o == kind);
 
     for n in [64usize, 512, 2048] {
+        if !want("prefill") {
+            break;
+        }
         let tokens = prompt(n);
         let mut times = Vec::new();
         for run in 0..=runs {
@@ -64,6 +71,9 @@ fn main() {
     let long = prompt(2048);
     let (mut longest, mut total) = (Vec::new(), Vec::new());
     for run in 0..=runs {
+        if !want("prefill") {
+            break;
+        }
         let mut cache = weights.new_cache();
         let mut worst = 0f64;
         let t = Instant::now();
@@ -78,11 +88,16 @@ fn main() {
         }
     }
     let n = long.len();
-    report(&format!("prefill_{n}_chunked"), median(total), Some(n));
-    report(&format!("prefill_{n}_longest_chunk"), median(longest), None);
+    if want("prefill") {
+        report(&format!("prefill_{n}_chunked"), median(total), Some(n));
+        report(&format!("prefill_{n}_longest_chunk"), median(longest), None);
+    }
 
     let steps = 128;
     for batch in [1usize, 4, 8] {
+        if !want("decode") {
+            break;
+        }
         let mut times = Vec::new();
         for run in 0..=runs {
             // Different prompts, so the sequences attend over different caches.
