@@ -359,7 +359,9 @@ impl Decoder {
             cache.len += n;
         }
         // The output layer for the wanted rows only.
-        let mut gathered = Vec::with_capacity(wanted.len() * width);
+        // Gathered into the attention buffer, free by now: no allocation per pass.
+        let mut gathered = std::mem::take(&mut s.att);
+        gathered.clear();
         for &row in wanted {
             let x =
                 s.x.get(row * width..(row + 1) * width)
@@ -367,7 +369,8 @@ impl Decoder {
             gathered.extend_from_slice(x);
         }
         rms_norm(&gathered, &self.norm, c.rms_eps as f32, &mut s.h);
-        s.q8.quantize(&s.h[..wanted.len() * width], width);
+        s.att = gathered;
+        s.q8.quantize(&s.h, width);
         let head = self.output.as_ref().unwrap_or(&self.embeddings);
         let vocab = head.rows();
         let mut logits = vec![0f32; wanted.len() * vocab];

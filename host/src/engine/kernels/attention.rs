@@ -83,25 +83,21 @@ pub fn attend(
     for s in scores.iter_mut() {
         *s = f16::from_f32(*s * scale).to_f32();
     }
-    let inv = 1.0;
     out.fill(0.0);
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
         #[allow(unsafe_code)]
-        Isa::Avx512Vnni if dim.is_multiple_of(16) => unsafe {
-            weighted_avx512(kv, scores, inv, out)
-        },
+        Isa::Avx512Vnni if dim.is_multiple_of(16) => unsafe { weighted_avx512(kv, scores, out) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
         #[allow(unsafe_code)]
         Isa::Avx2 | Isa::Avx512Vnni if dim.is_multiple_of(8) => unsafe {
-            weighted_avx2(kv, scores, inv, out)
+            weighted_avx2(kv, scores, out)
         },
         _ => {
             for (j, &p) in scores.iter().enumerate() {
                 let v = &kv.values[j * kv.stride + kv.offset..][..dim];
-                let p = p * inv;
                 for (a, &v) in out.iter_mut().zip(v) {
                     *a += p * f16::from_bits(v).to_f32();
                 }
@@ -133,7 +129,7 @@ unsafe fn scores_avx512(q: &[f32], kv: HeadView<'_>, scores: &mut [f32], scale: 
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-unsafe fn weighted_avx512(kv: HeadView<'_>, scores: &[f32], inv: f32, out: &mut [f32]) {
+unsafe fn weighted_avx512(kv: HeadView<'_>, scores: &[f32], out: &mut [f32]) {
     // The outputs in registers, 64 at a time (a head of 64 in one pass), so no key waits on
     // the previous key's store; the number of registers a constant, so they stay registers.
     for c in (0..out.len()).step_by(64) {
@@ -142,10 +138,10 @@ unsafe fn weighted_avx512(kv: HeadView<'_>, scores: &[f32], inv: f32, out: &mut 
         // SAFETY: the CPU supports AVX-512 (the caller's contract); `c + out.len() ≤ dim`.
         unsafe {
             match out.len() / 16 {
-                4 => weighted_block_avx512::<4>(kv, scores, inv, c, out),
-                3 => weighted_block_avx512::<3>(kv, scores, inv, c, out),
-                2 => weighted_block_avx512::<2>(kv, scores, inv, c, out),
-                _ => weighted_block_avx512::<1>(kv, scores, inv, c, out),
+                4 => weighted_block_avx512::<4>(kv, scores, c, out),
+                3 => weighted_block_avx512::<3>(kv, scores, c, out),
+                2 => weighted_block_avx512::<2>(kv, scores, c, out),
+                _ => weighted_block_avx512::<1>(kv, scores, c, out),
             }
         }
     }
@@ -157,14 +153,13 @@ unsafe fn weighted_avx512(kv: HeadView<'_>, scores: &[f32], inv: f32, out: &mut 
 unsafe fn weighted_block_avx512<const L: usize>(
     kv: HeadView<'_>,
     scores: &[f32],
-    inv: f32,
     c: usize,
     out: &mut [f32],
 ) {
     use std::arch::x86_64::*;
     let mut acc = [_mm512_setzero_ps(); L];
     for (j, &p) in scores.iter().enumerate() {
-        let p = _mm512_set1_ps(p * inv);
+        let p = _mm512_set1_ps(p);
         let base = j * kv.stride + kv.offset + c;
         for (l, acc) in acc.iter_mut().enumerate() {
             // SAFETY: as in `scores_avx512`, for the values: `c + 16·L ≤ dim`.
@@ -208,7 +203,7 @@ unsafe fn scores_avx2(q: &[f32], kv: HeadView<'_>, scores: &mut [f32], scale: f3
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn weighted_avx2(kv: HeadView<'_>, scores: &[f32], inv: f32, out: &mut [f32]) {
+unsafe fn weighted_avx2(kv: HeadView<'_>, scores: &[f32], out: &mut [f32]) {
     // As `weighted_avx512`: up to 64 outputs at a time in registers.
     for c in (0..out.len()).step_by(64) {
         let end = (c + 64).min(out.len());
@@ -216,11 +211,11 @@ unsafe fn weighted_avx2(kv: HeadView<'_>, scores: &[f32], inv: f32, out: &mut [f
         // SAFETY: the CPU supports AVX2 and FMA (the caller's contract); `c + out.len() ≤ dim`.
         unsafe {
             match out.len() / 8 {
-                8 => weighted_block_avx2::<8>(kv, scores, inv, c, out),
-                4 => weighted_block_avx2::<4>(kv, scores, inv, c, out),
+                8 => weighted_block_avx2::<8>(kv, scores, c, out),
+                4 => weighted_block_avx2::<4>(kv, scores, c, out),
                 n => {
                     for l in 0..n {
-                        weighted_block_avx2::<1>(kv, scores, inv, c + 8 * l, &mut out[8 * l..]);
+                        weighted_block_avx2::<1>(kv, scores, c + 8 * l, &mut out[8 * l..]);
                     }
                 }
             }
@@ -234,14 +229,13 @@ unsafe fn weighted_avx2(kv: HeadView<'_>, scores: &[f32], inv: f32, out: &mut [f
 unsafe fn weighted_block_avx2<const L: usize>(
     kv: HeadView<'_>,
     scores: &[f32],
-    inv: f32,
     c: usize,
     out: &mut [f32],
 ) {
     use std::arch::x86_64::*;
     let mut acc = [_mm256_setzero_ps(); L];
     for (j, &p) in scores.iter().enumerate() {
-        let p = _mm256_set1_ps(p * inv);
+        let p = _mm256_set1_ps(p);
         let base = j * kv.stride + kv.offset + c;
         for (l, acc) in acc.iter_mut().enumerate() {
             // SAFETY: as in `scores_avx2`, for the values: `c + 8·L ≤ dim`.

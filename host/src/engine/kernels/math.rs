@@ -34,11 +34,14 @@ pub fn exp(x: f32) -> f32 {
         .mul_add(b, P4)
         .mul_add(u, P3.mul_add(b, P2))
         .mul_add(u, P1.mul_add(b, 1.0));
+    scale(j, n)
+}
+
+/// `j·2^n` for an integer-valued `n`, in at most two exact steps; 0 or ∞ beyond ±192.
+fn scale(j: f32, n: f32) -> f32 {
     if n.abs() > 192.0 {
-        return if n <= 0.0 { 0.0 } else { f32::INFINITY };
-    }
-    // j·2^n in at most two exact steps.
-    if n < -126.0 {
+        if n <= 0.0 { 0.0 } else { f32::INFINITY }
+    } else if n < -126.0 {
         j * pow2(n + 63.0) * pow2(-63.0)
     } else if n > 127.0 {
         j * pow2(n - 63.0) * pow2(63.0)
@@ -164,15 +167,7 @@ fn exp_avx2(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
         _mm256_storeu_ps(ns.as_mut_ptr(), n);
     }
     for ((l, &j), &n) in lanes.iter_mut().zip(&js).zip(&ns) {
-        *l = if n.abs() > 192.0 {
-            if n <= 0.0 { 0.0 } else { f32::INFINITY }
-        } else if n < -126.0 {
-            j * pow2(n + 63.0) * pow2(-63.0)
-        } else if n > 127.0 {
-            j * pow2(n - 63.0) * pow2(63.0)
-        } else {
-            j * pow2(n)
-        };
+        *l = scale(j, n);
     }
     // SAFETY: `lanes` holds 8 floats.
     unsafe { _mm256_loadu_ps(lanes.as_ptr()) }
