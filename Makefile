@@ -14,7 +14,7 @@ OPENAI_VERSION := 2.54.0
 MINILM := $(MODELS_DIR)/all-MiniLM-L6-v2/model.safetensors
 SMOLLM := $(MODELS_DIR)/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: run build plugins models wasm-target venv bench-venv llama-cpp bench bench-swap bench-memory bench-sanitizer soak overload fuzz secret-scan coverage promtool monitoring lint test fmt clean
+.PHONY: run build plugins models wasm-target venv bench-venv llama-cpp bench bench-embeddings bench-swap bench-memory bench-sanitizer soak overload fuzz secret-scan coverage promtool monitoring lint test fmt clean
 
 ## Serve on $WARDEN_LISTEN (default 127.0.0.1:8080); honours every WARDEN_* variable.
 run: wasm-target models plugins build
@@ -97,6 +97,19 @@ bench: models plugins bench-venv llama-cpp
 	.bench-venv/bin/python tests/python/bench_generation.py $(SMOLLM) \
 		target/release/warden target/release/examples/bench_text $(LLAMA_SERVER) $(BENCH_ROUNDS)
 
+## Embeddings next to sentence-transformers (torch, 2 threads) on this machine, in one run
+## (docs/performance.md). torch and sentence-transformers go into .bench-venv.
+MINILM := $(MODELS_DIR)/all-MiniLM-L6-v2
+BENCH_TEXT_FILE := tests/fixtures/perplexity/ruth-kjv.txt
+bench-embeddings: models plugins bench-venv .bench-venv/.sentence-transformers
+	$(CARGO) build --release --locked -p warden --bin warden --example bench_embeddings
+	.bench-venv/bin/python tests/python/bench_embeddings.py $(MINILM) \
+		target/release/warden target/release/examples/bench_embeddings $(BENCH_TEXT_FILE) $(BENCH_ROUNDS)
+
+.bench-venv/.sentence-transformers: .bench-venv/.llama-cpp-$(LLAMA_CPP_VERSION)
+	.bench-venv/bin/pip install --quiet torch==2.15.0 sentence-transformers==6.2.0
+	touch $@
+
 ## Plugin swap latency: cold start (compiles), warm start (disk cache), swaps and rollback.
 bench-swap: plugins
 	$(CARGO) build --release --locked -p warden --example bench_swap
@@ -161,12 +174,10 @@ test: wasm-target models venv promtool monitoring lint secret-scan
 		$(CARGO) test --workspace --locked
 
 ## Line coverage of host/ over the whole suite (cargo-llvm-cov; installs it if missing).
-## RUSTFLAGS replaces .cargo/config.toml's flags under llvm-cov: keep the models fast.
 COVERAGE_MIN ?= 85
 coverage: wasm-target models venv promtool
 	@command -v cargo-llvm-cov >/dev/null || $(CARGO) install --locked cargo-llvm-cov
 	rustup component add llvm-tools-preview
-	RUSTFLAGS="-C target-cpu=native" \
 	WARDEN_TEST_PYTHON=$(CURDIR)/.venv/bin/python WARDEN_MODELS_DIR=$(CURDIR)/$(MODELS_DIR) \
 		$(CARGO) llvm-cov --workspace --locked \
 		--ignore-filename-regex '(^|/)plugins/[^/]+/src/|(^|/)tests/|/examples/' \

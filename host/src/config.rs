@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::engine::kernels::dense::Precision;
 use crate::plugins::{FailurePolicy, Limits, LoadError, MAX_MEMORY_BYTES, PluginSource, Slot};
 
 /// A secret string: usable, never printed.
@@ -127,6 +128,9 @@ pub struct EngineConfig {
     pub max_batch: usize,
     /// Text sequences the generation thread advances together.
     pub max_sequences: usize,
+    /// The embedding model's linear layers: `f32` (exact) or `bf16` (faster, cosine
+    /// about 0.99998 against sentence-transformers; needs AVX-512 BF16, else f32).
+    pub embedding_precision: Precision,
     /// A request that cannot start within this many milliseconds gets 503.
     pub queue_timeout_ms: u64,
     /// Engine failures in a row that open a model's circuit breaker.
@@ -141,6 +145,7 @@ impl Default for EngineConfig {
             queue_capacity: 64,
             max_batch: 32,
             max_sequences: 8,
+            embedding_precision: crate::engine::DEFAULT_PRECISION,
             queue_timeout_ms: 30_000,
             breaker_failures: 5,
             breaker_cooldown_ms: 10_000,
@@ -521,9 +526,12 @@ pub struct ServeArgs {
     /// Most texts per embedding forward pass [default: 32].
     #[arg(long, env = "WARDEN_MAX_BATCH")]
     pub max_batch: Option<usize>,
-    /// Text sequences generated together [default: 4].
+    /// Text sequences generated together [default: 8].
     #[arg(long, env = "WARDEN_MAX_SEQUENCES")]
     pub max_sequences: Option<usize>,
+    /// The embedding model's arithmetic, `f32` or `bf16` [default: bf16].
+    #[arg(long, env = "WARDEN_EMBEDDING_PRECISION", value_parser = parse_precision)]
+    pub embedding_precision: Option<Precision>,
     /// Milliseconds a request may wait for the engine before it gets 503 [default: 30000].
     #[arg(long, env = "WARDEN_QUEUE_TIMEOUT_MS")]
     pub queue_timeout_ms: Option<u64>,
@@ -672,6 +680,11 @@ fn parse_failure(s: &str) -> Result<FailurePolicy, String> {
     }
 }
 
+/// A precision named on the command line or in the environment.
+fn parse_precision(name: &str) -> Result<Precision, String> {
+    Precision::parse(name).ok_or_else(|| format!("`{name}` is not a precision: use f32 or bf16"))
+}
+
 fn set_some<T>(field: &mut T, value: Option<T>) {
     if let Some(v) = value {
         *field = v;
@@ -746,6 +759,9 @@ impl ServeArgs {
         }
         if let Some(v) = this.max_sequences {
             config.engine.max_sequences = v;
+        }
+        if let Some(v) = this.embedding_precision {
+            config.engine.embedding_precision = v;
         }
         set_some(&mut config.engine.queue_timeout_ms, this.queue_timeout_ms);
         set_some(&mut config.engine.breaker_failures, this.breaker_failures);

@@ -290,7 +290,12 @@ fn load_services(
 ) -> Result<Services, StartError> {
     let plugins = load_plugins(config, metrics.clone(), prepared)?;
     let dir = config.models_dir.join(EMBEDDING_MODEL);
-    let model = MiniLm::load(EMBEDDING_MODEL, &dir)?;
+    let model = MiniLm::load_with(EMBEDDING_MODEL, &dir, config.engine.embedding_precision)?;
+    tracing::info!(
+        model = EMBEDDING_MODEL,
+        precision = model.precision().as_str(),
+        "embedding model loaded"
+    );
     let queue_timeout = Duration::from_millis(config.engine.queue_timeout_ms);
     let worker = WorkerConfig {
         queue_capacity: config.engine.queue_capacity,

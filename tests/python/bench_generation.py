@@ -12,16 +12,16 @@ report medians; HTTP figures are medians of 5 requests after a warm-up, or one t
 """
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 
 import numpy as np
+
+from benchlib import free_port, wait_ready
 from llama_cpp import Llama
 
 MODEL, WARDEN, BENCH_TEXT, LLAMA_SERVER = sys.argv[1:5]
@@ -64,25 +64,6 @@ def llama_figures(llm):
 def warden_figures():
     res = subprocess.run([BENCH_TEXT, MODEL, str(RUNS)], check=True, capture_output=True, text=True)
     return {(d := json.loads(line))["figure"]: d["seconds"] for line in res.stdout.splitlines()}
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(url, timeout=120):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except Exception:
-            pass
-        time.sleep(0.25)
-    raise SystemExit(f"server at {url} not ready")
 
 
 def chat_figures(base, key, model, extra):

@@ -311,8 +311,8 @@ impl Decoder {
         }
         for (l, layer) in self.layers.iter().enumerate() {
             // Attention block.
-            rms_norm(&s.x, &layer.attn_norm, c.rms_eps as f32, &mut s.h);
-            s.q8.quantize(&s.h, width);
+            rms_norm(isa, &s.x, &layer.attn_norm, c.rms_eps as f32, &mut s.h);
+            s.q8.quantize(isa, &s.h, width);
             let qkv_width = layer.qkv.rows();
             s.qkv.resize(rows * qkv_width, 0.0);
             layer.qkv.matmul(&s.q8, &mut s.qkv, isa, pool);
@@ -320,8 +320,8 @@ impl Decoder {
                 let r = &mut s.qkv[row * qkv_width..][..qkv_width];
                 let (q, kv) = r.split_at_mut(q_width);
                 let (k, v) = kv.split_at_mut(kv_width);
-                self.rope(q, pos);
-                self.rope(k, pos);
+                self.rope(isa, q, pos);
+                self.rope(isa, k, pos);
                 let cache = &mut caches[owners[row]];
                 push_f16(&mut cache.k[l], k);
                 push_f16(&mut cache.v[l], v);
@@ -330,16 +330,14 @@ impl Decoder {
             self.attend(
                 l, &s.qkv, qkv_width, &positions, owners, &*caches, &mut s.att, pool,
             );
-            s.q8.quantize(&s.att, q_width);
+            s.q8.quantize(isa, &s.att, q_width);
             s.proj.resize(rows * width, 0.0);
             layer.wo.matmul(&s.q8, &mut s.proj, isa, pool);
             // x1 = wo·y + x, as candle adds them.
-            for (x, p) in s.x.iter_mut().zip(&s.proj) {
-                *x += *p;
-            }
+            math::add(isa, &mut s.x, &s.proj);
             // Feed-forward block.
-            rms_norm(&s.x, &layer.ffn_norm, c.rms_eps as f32, &mut s.h);
-            s.q8.quantize(&s.h, width);
+            rms_norm(isa, &s.x, &layer.ffn_norm, c.rms_eps as f32, &mut s.h);
+            s.q8.quantize(isa, &s.h, width);
             let gu = layer.gate_up.rows();
             let hidden = gu / 2;
             s.gate_up.resize(rows * gu, 0.0);
@@ -349,11 +347,9 @@ impl Decoder {
                 let (g, u) = s.gate_up[row * gu..][..gu].split_at(hidden);
                 math::silu_mul(isa, g, u, &mut s.act[row * hidden..][..hidden]);
             }
-            s.q8.quantize(&s.act, hidden);
+            s.q8.quantize(isa, &s.act, hidden);
             layer.down.matmul(&s.q8, &mut s.proj, isa, pool);
-            for (x, p) in s.x.iter_mut().zip(&s.proj) {
-                *x += *p;
-            }
+            math::add(isa, &mut s.x, &s.proj);
         }
         for (cache, n) in caches.iter_mut().zip(seen) {
             cache.len += n;
@@ -368,9 +364,9 @@ impl Decoder {
                     .ok_or_else(|| candle_core::Error::Msg("wanted row out of range".into()))?;
             gathered.extend_from_slice(x);
         }
-        rms_norm(&gathered, &self.norm, c.rms_eps as f32, &mut s.h);
+        rms_norm(isa, &gathered, &self.norm, c.rms_eps as f32, &mut s.h);
         s.att = gathered;
-        s.q8.quantize(&s.h, width);
+        s.q8.quantize(isa, &s.h, width);
         let head = self.output.as_ref().unwrap_or(&self.embeddings);
         let vocab = head.rows();
         let mut logits = vec![0f32; wanted.len() * vocab];
@@ -385,19 +381,13 @@ impl Decoder {
 
     /// Interleaved RoPE (pairs `2i, 2i+1`) of every head in `x` at `pos`, as candle's
     /// `rope_i`.
-    fn rope(&self, x: &mut [f32], pos: usize) {
+    fn rope(&self, isa: Isa, x: &mut [f32], pos: usize) {
         let half = self.config.head_dim / 2;
         let (cos, sin) = (
             &self.cos[pos * half..][..half],
             &self.sin[pos * half..][..half],
         );
-        for head in x.chunks_exact_mut(self.config.head_dim) {
-            for (i, pair) in head.chunks_exact_mut(2).enumerate() {
-                let (x0, x1) = (pair[0], pair[1]);
-                pair[0] = x0 * cos[i] - x1 * sin[i];
-                pair[1] = x0 * sin[i] + x1 * cos[i];
-            }
-        }
+        math::rope(isa, x, cos, sin);
     }
 
     /// Attention of every row and head of layer `l` over its sequence's cache up to its
@@ -446,18 +436,10 @@ fn push_f16(cache: &mut Vec<u16>, values: &[f32]) {
         .convert_from_f32_slice(values);
 }
 
-/// `out = x / sqrt(mean(x²) + eps) · w`, row by row, as candle's `rms_norm`.
-fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut Vec<f32>) {
-    let dim = w.len();
+/// RMSNorm of every row of `x` into `out`, resized to fit.
+fn rms_norm(isa: Isa, x: &[f32], w: &[f32], eps: f32, out: &mut Vec<f32>) {
     out.resize(x.len(), 0.0);
-    for (x, out) in x.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
-        // As ggml: the squares summed in f64, then `x · (1/√(mean + ε)) · w`.
-        let sum2 = x.iter().map(|&v| f64::from(v * v)).sum::<f64>();
-        let scale = 1.0 / ((sum2 / dim as f64) as f32 + eps).sqrt();
-        for ((o, &v), &a) in out.iter_mut().zip(x).zip(w) {
-            *o = v * scale * a;
-        }
-    }
+    math::rms_norm(isa, x, w, eps, out);
 }
 
 /// The environment variable that picks the decoder: `fused` (this module's, the default,

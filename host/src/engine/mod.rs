@@ -7,6 +7,7 @@
 mod bert;
 mod chunks;
 pub mod decoder;
+pub mod encoder;
 mod generate;
 mod gguf_tokenizer;
 pub mod kernels;
@@ -18,7 +19,7 @@ mod worker;
 use std::path::Path;
 use std::sync::Arc;
 
-pub use bert::MiniLm;
+pub use bert::{DEFAULT_PRECISION, MiniLm};
 pub use generate::{
     FinishReason, GenerateConfig, GenerateEvent, GenerateHandle, GenerateRequest, GenerateStats,
     PREFILL_CHUNK, Piece, SamplingParams, TextState,

@@ -51,7 +51,7 @@ impl Q41Matrix {
         }
         let input = x.flatten_all()?.to_vec1::<f32>()?;
         let mut quantized = Q81::default();
-        quantized.quantize_as(&input, k, Rounding::Candle);
+        quantized.quantize_as(Isa::active(), &input, k, Rounding::Candle);
         let mut out = vec![0f32; quantized.rows() * self.packed.rows()];
         self.packed
             .matmul(&quantized, &mut out, Isa::active(), Pool::global());

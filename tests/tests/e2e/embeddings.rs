@@ -61,6 +61,56 @@ fn decode_base64(item: &Value) -> Vec<f32> {
         .collect()
 }
 
+/// The fused encoder in-process, every precision on every instruction set this CPU has
+/// (the fast paths and the portable fallbacks), batched (packed end to end) and one text
+/// at a time: cosine against sentence-transformers, with the worst printed.
+#[test]
+fn the_fused_encoder_matches_sentence_transformers_on_every_path() {
+    use warden::engine::kernels::Isa;
+    use warden::engine::kernels::dense::Precision;
+    let dir = warden_tests::models_dir().join("all-MiniLM-L6-v2");
+    let refs = reference();
+    for precision in [Precision::F32, Precision::Bf16] {
+        let mut model =
+            warden::engine::MiniLm::load_with("all-MiniLM-L6-v2", &dir, precision).unwrap();
+        let ids: Vec<Vec<u32>> = refs
+            .iter()
+            .map(|r| model.encode(&r.input).unwrap())
+            .collect();
+        let encoder = model.encoder_mut();
+        let seqs: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
+        for isa in Isa::available() {
+            if !precision.fast_on(isa) && isa != Isa::Scalar {
+                continue;
+            }
+            let batched = encoder.forward_with(isa, &seqs).unwrap();
+            let mut worst = 1f64;
+            for (i, (got, r)) in batched.iter().zip(&refs).enumerate() {
+                let alone = &encoder.forward_with(isa, &seqs[i..=i]).unwrap()[0];
+                let same = cosine(got, alone);
+                assert!(
+                    same > 0.999_999,
+                    "{precision:?}/{}: batch vs alone {same}",
+                    isa.as_str()
+                );
+                let c = cosine(got, &r.embedding);
+                worst = worst.min(c);
+                assert!(
+                    c >= 0.9999,
+                    "{precision:?}/{} input {i} ({:?}): cosine {c}",
+                    isa.as_str(),
+                    r.input
+                );
+            }
+            println!(
+                "{} on {}: worst cosine {worst:.7}",
+                precision.as_str(),
+                isa.as_str()
+            );
+        }
+    }
+}
+
 #[tokio::test]
 async fn batch_matches_sentence_transformers_in_float_and_base64() {
     let t = start(config()).await;

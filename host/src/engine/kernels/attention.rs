@@ -38,6 +38,7 @@ pub fn attend(
     let dim = q.len();
     assert!(
         out.len() == dim
+            && dim <= 256
             && kv.offset + dim <= kv.stride
             && kv.keys.len() >= seen * kv.stride
             && kv.values.len() >= seen * kv.stride,
@@ -46,10 +47,10 @@ pub fn attend(
     assert!(isa.supported(), "{} is not supported here", isa.as_str());
     let scale = 1.0 / (dim as f32).sqrt();
     let mut q16 = [0f32; 256];
-    for (o, &v) in q16.iter_mut().zip(q) {
-        *o = f16::from_f32(v).to_f32();
-    }
-    let q = &q16[..dim];
+    let q16 = &mut q16[..dim];
+    q16.copy_from_slice(q);
+    super::math::round_f16(isa, q16, 1.0);
+    let q = &*q16;
     scores.clear();
     scores.resize(seen, 0.0);
     match isa {
@@ -80,9 +81,7 @@ pub fn attend(
     let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
     let sum = super::math::exp_sub_sum(isa, scores, max);
     let scale = (1.0 / sum) as f32;
-    for s in scores.iter_mut() {
-        *s = f16::from_f32(*s * scale).to_f32();
-    }
+    super::math::round_f16(isa, scores, scale);
     out.fill(0.0);
     match isa {
         #[cfg(target_arch = "x86_64")]
@@ -102,6 +101,116 @@ pub fn attend(
                     *a += p * f16::from_bits(v).to_f32();
                 }
             }
+        }
+    }
+}
+
+/// Bidirectional attention of one head over a span (an encoder's), in f32: for every
+/// position `i` of the span, `out_i = softmax(q_i·Kᵀ / √dim) · V`, with `q`, `v` and `out`
+/// row by row (`len × dim`) and the keys transposed (`kt`, `dim × len`), so that both
+/// products vectorize along a row. Every path gives the same bits.
+pub fn attend_span(
+    isa: Isa,
+    dim: usize,
+    q: &[f32],
+    kt: &[f32],
+    v: &[f32],
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    assert!(
+        dim > 0
+            && q.len().is_multiple_of(dim)
+            && kt.len() == q.len()
+            && v.len() == q.len()
+            && out.len() == q.len(),
+        "span attention shapes"
+    );
+    let len = q.len() / dim;
+    let scale = 1.0 / (dim as f32).sqrt();
+    scores.clear();
+    scores.resize(len, 0.0);
+    for (q, out) in q.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
+        span_scores(isa, q, kt, scale, scores);
+        let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+        let sum = super::math::exp_sub_sum(isa, scores, max) as f32;
+        span_weighted(isa, scores, sum, v, out);
+    }
+}
+
+super::per_isa! {
+    /// `scores[j] = (q · k_j) · scale` for the transposed keys `kt`
+    /// (`q.len() × scores.len()`): each score summed over `q` in order, multiply-adds
+    /// fused; 64 scores at a time in registers, then the rest.
+    fn span_scores(q: &[f32], kt: &[f32], scale: f32, scores: &mut [f32]) {
+        let len = scores.len();
+        let mut j0 = 0;
+        while j0 + 64 <= len {
+            let mut acc = [0f32; 64];
+            for (&a, k) in q.iter().zip(kt.chunks_exact(len)) {
+                for (s, &b) in acc.iter_mut().zip(&k[j0..j0 + 64]) {
+                    *s = a.mul_add(b, *s);
+                }
+            }
+            for (s, a) in scores[j0..j0 + 64].iter_mut().zip(acc) {
+                *s = a * scale;
+            }
+            j0 += 64;
+        }
+        let rest = &mut scores[j0..];
+        rest.fill(0.0);
+        for (&a, k) in q.iter().zip(kt.chunks_exact(len)) {
+            for (s, &b) in rest.iter_mut().zip(&k[j0..]) {
+                *s = a.mul_add(b, *s);
+            }
+        }
+        for s in rest.iter_mut() {
+            *s *= scale;
+        }
+    }
+}
+
+super::per_isa! {
+    /// `out = Σ_j (e_j / sum) · v_j` (`v`: `e.len()` rows of `out.len()`), the
+    /// probabilities written back to `e`: multiply-adds fused, the positions summed in four
+    /// interleaved partial sums (`j mod 4`) added at the end, 16 outputs at a time in
+    /// registers.
+    fn span_weighted(e: &mut [f32], sum: f32, v: &[f32], out: &mut [f32]) {
+        for e in e.iter_mut() {
+            *e /= sum;
+        }
+        let dim = out.len();
+        let mut c0 = 0;
+        while c0 < dim {
+            let w = (dim - c0).min(16);
+            let mut acc = [[0f32; 16]; 4];
+            let mut rows = e.chunks_exact(4);
+            let mut j = 0;
+            for p in &mut rows {
+                for (a, &p) in acc.iter_mut().zip(p) {
+                    let row = &v[j * dim + c0..];
+                    if w == 16 {
+                        for (a, &x) in a.iter_mut().zip(&row[..16]) {
+                            *a = p.mul_add(x, *a);
+                        }
+                    } else {
+                        for (a, &x) in a.iter_mut().zip(&row[..w]) {
+                            *a = p.mul_add(x, *a);
+                        }
+                    }
+                    j += 1;
+                }
+            }
+            for (a, &p) in acc.iter_mut().zip(rows.remainder()) {
+                for (a, &x) in a.iter_mut().zip(&v[j * dim + c0..][..w]) {
+                    *a = p.mul_add(x, *a);
+                }
+                j += 1;
+            }
+            for (l, o) in out[c0..c0 + w].iter_mut().enumerate() {
+                *o = (acc[0][l] + acc[1][l]) + (acc[2][l] + acc[3][l]);
+            }
+            c0 += w;
         }
     }
 }

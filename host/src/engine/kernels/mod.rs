@@ -8,6 +8,7 @@
 //! threads. Every SIMD kernel has a plain scalar reference and tests that it agrees.
 
 pub mod attention;
+pub mod dense;
 pub mod math;
 pub mod pool;
 pub mod q4;
@@ -17,6 +18,47 @@ use std::sync::OnceLock;
 
 use pool::Pool;
 use q4::{GROUP, Q81};
+
+/// A plain loop compiled once per instruction set and chosen at run time: the body is
+/// ordinary safe Rust, which the compiler vectorizes for AVX-512 or AVX2 inside a
+/// `#[target_feature]` copy, so no `-C target-cpu` is needed for its speed. The copies
+/// compute the same operations in the same order (Rust never reassociates or contracts
+/// float arithmetic), so every path gives the same bits.
+///
+/// `per_isa! { /// docs \n pub fn name(a: A, b: B) { body } }` defines
+/// `pub fn name(isa: Isa, a: A, b: B)`, which panics if the CPU lacks `isa`.
+macro_rules! per_isa {
+    ($(#[$attr:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $(#[$attr])*
+        $vis fn $name(isa: $crate::engine::kernels::Isa, $($arg: $ty),*) {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+            fn avx512($($arg: $ty),*) {
+                body($($arg),*)
+            }
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2,fma,f16c")]
+            fn avx2($($arg: $ty),*) {
+                body($($arg),*)
+            }
+            assert!(isa.supported(), "{} is not supported here", isa.as_str());
+            match isa {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: the CPU supports the instruction set (asserted above).
+                #[allow(unsafe_code)]
+                $crate::engine::kernels::Isa::Avx512Vnni => unsafe { avx512($($arg),*) },
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: as above.
+                #[allow(unsafe_code)]
+                $crate::engine::kernels::Isa::Avx2 => unsafe { avx2($($arg),*) },
+                _ => body($($arg),*),
+            }
+        }
+    };
+}
+pub(crate) use per_isa;
 
 /// Activation rows computed together against one group's weights (register tile).
 const TILE: usize = 4;
@@ -76,7 +118,7 @@ fn grouped_matmul(w: &impl Grouped, x: &Q81, out: &mut [f32], isa: Isa, pool: &P
 
 /// A raw output pointer that tasks on other threads may write through (disjointly).
 #[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
+pub(crate) struct SendPtr(pub(crate) *mut f32);
 // SAFETY: only used by `grouped_matmul`, whose tasks write disjoint elements and finish
 // before it returns.
 #[allow(unsafe_code)]
@@ -85,7 +127,7 @@ unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
 impl SendPtr {
-    fn get(self) -> *mut f32 {
+    pub(crate) fn get(self) -> *mut f32 {
         self.0
     }
 }

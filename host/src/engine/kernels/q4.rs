@@ -51,7 +51,7 @@ impl std::fmt::Debug for Q41Packed {
 
 /// Activation rows quantized to Q8_1: per block an f16-rounded scale `d`, `s = d·Σq`
 /// (f16), and 32 signed bytes; the Q8_0 kernel uses the same bytes and scales.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Q81 {
     pub(super) blocks: usize,
     pub(super) d: Vec<f32>,
@@ -73,12 +73,12 @@ pub enum Rounding {
 impl Q81 {
     /// `x` (rows of `cols` values, `cols` a multiple of [`BLOCK`]) quantized as ggml's
     /// `quantize_row_q8_1` does (what llama.cpp runs), reusing this value's buffers.
-    pub fn quantize(&mut self, x: &[f32], cols: usize) {
-        self.quantize_as(x, cols, Rounding::Ggml);
+    pub fn quantize(&mut self, isa: Isa, x: &[f32], cols: usize) {
+        self.quantize_as(isa, x, cols, Rounding::Ggml);
     }
 
     /// [`Self::quantize`] with the rounding of `rounding`.
-    pub fn quantize_as(&mut self, x: &[f32], cols: usize, rounding: Rounding) {
+    pub fn quantize_as(&mut self, isa: Isa, x: &[f32], cols: usize, rounding: Rounding) {
         assert!(
             cols.is_multiple_of(BLOCK) && x.len().is_multiple_of(cols),
             "Q8_1 of {} by {cols}",
@@ -86,50 +86,70 @@ impl Q81 {
         );
         let n = x.len() / BLOCK;
         self.blocks = cols / BLOCK;
-        self.d.clear();
-        self.s.clear();
-        self.sums.clear();
-        self.qs.clear();
-        self.d.reserve(n);
-        self.s.reserve(n);
-        self.sums.reserve(n);
-        self.qs.reserve(n * BLOCK);
-        for block in x.chunks_exact(BLOCK) {
-            let amax = block.iter().fold(0f32, |a, v| a.max(v.abs()));
-            let d = amax / 127.0;
-            let d16 = f16::from_f32(d);
-            let mut sum = 0i32;
-            match rounding {
-                Rounding::Ggml => {
-                    // `q = round-half-even(x · 127/max|x|)`; `s` the f16 of `d · Σq`.
-                    let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
-                    for &v in block {
-                        let q = (v * id).round_ties_even() as i8;
-                        sum += i32::from(q);
-                        self.qs.push(q);
-                    }
-                    self.s.push(f16::from_f32(d * sum as f32).to_f32());
-                }
-                Rounding::Candle => {
-                    // `q = round-half-away(x · 1/d)`; `s` the f16 product of the
-                    // f16-rounded sum and `d`.
-                    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-                    for &v in block {
-                        let q = (v * id).round() as i8;
-                        sum += i32::from(q);
-                        self.qs.push(q);
-                    }
-                    self.s.push((f16::from_f32(sum as f32) * d16).to_f32());
-                }
-            }
-            self.d.push(d16.to_f32());
-            self.sums.push(sum);
-        }
+        self.d.resize(n, 0.0);
+        self.s.resize(n, 0.0);
+        self.sums.resize(n, 0);
+        self.qs.resize(n * BLOCK, 0);
+        let out = Blocks {
+            d: &mut self.d,
+            s: &mut self.s,
+            sums: &mut self.sums,
+            qs: &mut self.qs,
+        };
+        quantize_blocks(isa, x, rounding, out);
     }
 
     /// Rows quantized.
     pub fn rows(&self) -> usize {
         self.d.len().checked_div(self.blocks).unwrap_or(0)
+    }
+}
+
+/// The output buffers of [`quantize_blocks`], one entry (or [`BLOCK`] bytes) per block.
+struct Blocks<'a> {
+    d: &'a mut [f32],
+    s: &'a mut [f32],
+    sums: &'a mut [i32],
+    qs: &'a mut [i8],
+}
+
+super::per_isa! {
+    /// Every block of `x` quantized into `out`.
+    fn quantize_blocks(x: &[f32], rounding: Rounding, out: Blocks<'_>) {
+        let blocks = x
+            .chunks_exact(BLOCK)
+            .zip(out.qs.chunks_exact_mut(BLOCK))
+            .zip(out.d.iter_mut().zip(out.s.iter_mut()).zip(out.sums.iter_mut()));
+        for ((block, qs), ((d_out, s_out), sum_out)) in blocks {
+            let amax = block.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let d = amax / 127.0;
+            let d16 = f16::from_f32(d);
+            // `q = round-half-even(x · 127/max|x|)` (ggml) or `round-half-away(x · 1/d)`
+            // (candle).
+            match rounding {
+                Rounding::Ggml => {
+                    let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+                    for (q, &v) in qs.iter_mut().zip(block) {
+                        *q = (v * id).round_ties_even() as i8;
+                    }
+                }
+                Rounding::Candle => {
+                    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                    for (q, &v) in qs.iter_mut().zip(block) {
+                        *q = (v * id).round() as i8;
+                    }
+                }
+            }
+            let sum = qs.iter().map(|&q| i32::from(q)).sum::<i32>();
+            // `s`: the f16 of `d · Σq` (ggml), or the f16 product of the f16-rounded sum
+            // and `d` (candle).
+            *s_out = match rounding {
+                Rounding::Ggml => f16::from_f32(d * sum as f32).to_f32(),
+                Rounding::Candle => (f16::from_f32(sum as f32) * d16).to_f32(),
+            };
+            *d_out = d16.to_f32();
+            *sum_out = sum;
+        }
     }
 }
 
@@ -436,7 +456,12 @@ mod tests {
                 let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
                 for rounding in [Rounding::Candle, Rounding::Ggml] {
                     let mut q81 = Q81::default();
-                    q81.quantize_as(&x, cols, rounding);
+                    q81.quantize_as(Isa::Scalar, &x, cols, rounding);
+                    for isa in Isa::available() {
+                        let mut other = Q81::default();
+                        other.quantize_as(isa, &x, cols, rounding);
+                        assert_eq!(other, q81, "{} quantization", isa.as_str());
+                    }
                     let mut reference = vec![f32::NAN; n * rows];
                     packed.matmul(&q81, &mut reference, Isa::Scalar, &pool);
                     for (a, b) in reference.iter().zip(&want) {

@@ -333,7 +333,7 @@ mod tests {
                     .to_vec1()
                     .unwrap();
                 let mut q81 = Q81::default();
-                q81.quantize(&x, cols);
+                q81.quantize(Isa::Scalar, &x, cols);
                 let mut reference = vec![f32::NAN; n * rows];
                 packed.matmul(&q81, &mut reference, Isa::Scalar, &pool);
                 // Same integer sums and scales as candle, blocks summed in another order:
@@ -376,7 +376,7 @@ mod tests {
             .map(|k| if k % 3 == 0 { -1.0 } else { 1.0 })
             .collect();
         let mut q81 = Q81::default();
-        q81.quantize(&x, cols);
+        q81.quantize(Isa::Scalar, &x, cols);
         let mut reference = vec![0f32; rows];
         packed.matmul(&q81, &mut reference, Isa::Scalar, &pool);
         for isa in Isa::available() {

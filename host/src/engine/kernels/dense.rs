@@ -1,0 +1,622 @@
+//! Dense matrices of f32 weights (the embedding model's linear layers): `y = x·Wᵀ + b`,
+//! optionally through GELU, for every token of a packed batch at once.
+//!
+//! [`DensePacked`] repacks `W` (`rows × cols`) in blocks of 32 rows, column by column:
+//! for each block and column `k`, the 32 rows' weights side by side (f32), or for each
+//! pair of columns the 32 rows' two bf16 weights side by side ([`Precision::Bf16`]). A
+//! register tile is 32 outputs × 6 tokens: per column, two 16-lane weight loads, six
+//! broadcast activations and twelve fused multiply-adds (AVX-512); AVX2 runs the block as
+//! two halves of 16 rows; the bf16 tile uses `vdpbf16ps` (two products per lane and
+//! instruction, about twice the f32 rate on this machine) with f32 accumulation.
+//!
+//! In f32 every path adds the products in column order with one rounding each (fused
+//! multiply-add), so AVX-512, AVX2 and scalar give the same bits (tested). In bf16 the
+//! weights and the activations are rounded to bf16 (nearest, ties to even) and the sums
+//! kept in f32; the scalar reference does the same arithmetic.
+
+use std::cell::RefCell;
+
+use super::pool::Pool;
+use super::{Isa, SendPtr, math};
+
+/// Rows per packed block.
+const BLOCK_ROWS: usize = 32;
+/// Tokens per register tile.
+const TILE_TOKENS: usize = 6;
+
+/// The arithmetic of a dense product.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// f32 weights and activations, f32 sums.
+    F32,
+    /// bf16 weights and activations, f32 sums (`vdpbf16ps`; needs AVX-512 BF16).
+    Bf16,
+}
+
+impl Precision {
+    /// Its name in settings and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+
+    /// Parse a name as [`Precision::as_str`] writes it.
+    pub fn parse(name: &str) -> Option<Precision> {
+        [Precision::F32, Precision::Bf16]
+            .into_iter()
+            .find(|p| p.as_str() == name.trim())
+    }
+
+    /// Whether the kernels of `isa` on this CPU run this precision at speed.
+    pub fn fast_on(self, isa: Isa) -> bool {
+        match self {
+            Precision::F32 => true,
+            Precision::Bf16 => bf16_supported(isa),
+        }
+    }
+}
+
+/// Whether `isa` on this CPU has `vdpbf16ps`.
+pub fn bf16_supported(isa: Isa) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        isa == Isa::Avx512Vnni && isa.supported() && std::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = isa;
+        false
+    }
+}
+
+/// What follows the bias.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// Nothing.
+    Identity,
+    /// `x·Φ(x)` with the exact (erf) normal CDF, BERT's `gelu`.
+    Gelu,
+}
+
+/// A dense matrix repacked for [`DensePacked::matmul`].
+pub struct DensePacked {
+    rows: usize,
+    cols: usize,
+    blocks: usize,
+    precision: Precision,
+    /// f32: per block, per column, 32 weights.
+    w32: Vec<f32>,
+    /// bf16: per block, per column pair, 32 rows × 2 weights.
+    w16: Vec<u16>,
+}
+
+impl std::fmt::Debug for DensePacked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DensePacked")
+            .field("rows", &self.rows)
+            .field("cols", &self.cols)
+            .field("precision", &self.precision)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `v` rounded to bf16 (nearest, ties to even; subnormals to zero, as `vcvtneps2bf16`).
+pub fn to_bf16(v: f32) -> u16 {
+    let v = if v.is_subnormal() {
+        0f32.copysign(v)
+    } else {
+        v
+    };
+    let b = v.to_bits();
+    if v.is_nan() {
+        return ((b >> 16) | 0x40) as u16;
+    }
+    ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
+}
+
+/// The f32 of a bf16.
+pub fn from_bf16(h: u16) -> f32 {
+    f32::from_bits(u32::from(h) << 16)
+}
+
+/// `out[i] = to_bf16(x[i])`, with `vcvtneps2bf16` where the CPU has it.
+fn convert_bf16(isa: Isa, x: &[f32], out: &mut [u16]) {
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if bf16_supported(isa) {
+        // SAFETY: the CPU has AVX-512 BF16 (checked just above); `out` is as long as `x`.
+        #[allow(unsafe_code)]
+        unsafe {
+            done = convert_bf16_avx512(x, out);
+        }
+    }
+    for (o, &v) in out[done..].iter_mut().zip(&x[done..]) {
+        *o = to_bf16(v);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+#[target_feature(enable = "avx512f,avx512bf16,avx512vl")]
+unsafe fn convert_bf16_avx512(x: &[f32], out: &mut [u16]) -> usize {
+    use std::arch::x86_64::*;
+    let n = x.len().min(out.len());
+    let mut i = 0;
+    while i + 16 <= n {
+        // SAFETY: `i + 16 ≤ n`, within both slices.
+        unsafe {
+            let h = _mm512_cvtneps_pbh(_mm512_loadu_ps(x.as_ptr().add(i)));
+            let h = std::mem::transmute::<__m256bh, __m256i>(h);
+            _mm256_storeu_si256(out.as_mut_ptr().add(i).cast(), h);
+        }
+        i += 16;
+    }
+    i
+}
+
+thread_local! {
+    /// The activations in bf16, for the calling thread's products.
+    static ACTIVATIONS: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
+}
+
+impl DensePacked {
+    /// Pack `w`, row-major `rows × cols` (`cols` even), for `precision`.
+    pub fn new(w: &[f32], rows: usize, cols: usize, precision: Precision) -> Result<Self, String> {
+        if w.len() != rows * cols || cols == 0 || !cols.is_multiple_of(2) {
+            return Err(format!(
+                "a dense matrix of {} values for {rows}×{cols}",
+                w.len()
+            ));
+        }
+        let blocks = rows.div_ceil(BLOCK_ROWS);
+        let weight = |r: usize, k: usize| if r < rows { w[r * cols + k] } else { 0.0 };
+        let (mut w32, mut w16) = (Vec::new(), Vec::new());
+        match precision {
+            Precision::F32 => {
+                w32.reserve(blocks * cols * BLOCK_ROWS);
+                for b in 0..blocks {
+                    for k in 0..cols {
+                        w32.extend((0..BLOCK_ROWS).map(|i| weight(b * BLOCK_ROWS + i, k)));
+                    }
+                }
+            }
+            Precision::Bf16 => {
+                w16.reserve(blocks * cols * BLOCK_ROWS);
+                for b in 0..blocks {
+                    for p in 0..cols / 2 {
+                        for i in 0..BLOCK_ROWS {
+                            let r = b * BLOCK_ROWS + i;
+                            w16.push(to_bf16(weight(r, 2 * p)));
+                            w16.push(to_bf16(weight(r, 2 * p + 1)));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(Self {
+            rows,
+            cols,
+            blocks,
+            precision,
+            w32,
+            w16,
+        })
+    }
+
+    /// Output width.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Input width.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// The arithmetic it was packed for.
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// `out[t·rows + r] = act(x_t · W_r + bias_r)` for every token row `t` of `x`, the
+    /// blocks of 32 rows split among the pool's threads. bf16 needs
+    /// [`bf16_supported`]`(isa)` or [`Isa::Scalar`].
+    pub fn matmul(
+        &self,
+        x: &[f32],
+        bias: &[f32],
+        act: Activation,
+        out: &mut [f32],
+        isa: Isa,
+        pool: &Pool,
+    ) {
+        let (rows, cols) = (self.rows, self.cols);
+        assert!(
+            x.len().is_multiple_of(cols) && bias.len() == rows,
+            "dense shapes"
+        );
+        let n = x.len() / cols;
+        assert_eq!(out.len(), n * rows, "dense output size");
+        assert!(isa.supported(), "{} is not supported here", isa.as_str());
+        assert!(
+            self.precision == Precision::F32 || isa == Isa::Scalar || bf16_supported(isa),
+            "bf16 products need AVX-512 BF16"
+        );
+        if n == 0 {
+            return;
+        }
+        let out_ptr = SendPtr(out.as_mut_ptr());
+        let run = |xb: &[u16]| {
+            pool.run(self.blocks, &|b| {
+                let width = BLOCK_ROWS.min(rows - b * BLOCK_ROWS);
+                let mut t0 = 0;
+                while t0 < n {
+                    let count = TILE_TOKENS.min(n - t0);
+                    let mut tile = [[0f32; BLOCK_ROWS]; TILE_TOKENS];
+                    self.tile(b, x, xb, t0, count, &mut tile, isa);
+                    for (i, sums) in tile[..count].iter_mut().enumerate() {
+                        let bias = &bias[b * BLOCK_ROWS..][..width];
+                        for (s, &c) in sums.iter_mut().zip(bias) {
+                            *s += c;
+                        }
+                        if act == Activation::Gelu {
+                            math::gelu(isa, &mut sums[..width]);
+                        }
+                        let at = (t0 + i) * rows + b * BLOCK_ROWS;
+                        // SAFETY: block `b` writes only its own columns
+                        // `b·32..b·32+width` of each output row, each block is one task,
+                        // so no two threads write the same element; `at + width ≤
+                        // n·rows = out.len()` (asserted above).
+                        #[allow(unsafe_code)]
+                        unsafe {
+                            let to = out_ptr.get().add(at);
+                            if width == BLOCK_ROWS {
+                                // A constant length: two vector moves, not a call.
+                                std::ptr::copy_nonoverlapping(sums.as_ptr(), to, BLOCK_ROWS);
+                            } else {
+                                std::ptr::copy_nonoverlapping(sums.as_ptr(), to, width);
+                            }
+                        }
+                    }
+                    t0 += count;
+                }
+            });
+        };
+        match self.precision {
+            Precision::F32 => run(&[]),
+            Precision::Bf16 => ACTIVATIONS.with_borrow_mut(|xb| {
+                xb.resize(x.len(), 0);
+                pool.for_each_chunk(xb, 16 * 1024, &|i, piece| {
+                    convert_bf16(isa, &x[i * 16 * 1024..][..piece.len()], piece);
+                });
+                run(xb);
+            }),
+        }
+    }
+
+    /// Block `b`'s sums for tokens `t0..t0 + count` (`count` ≤ 6).
+    #[allow(clippy::too_many_arguments)]
+    fn tile(
+        &self,
+        b: usize,
+        x: &[f32],
+        xb: &[u16],
+        t0: usize,
+        count: usize,
+        tile: &mut [[f32; BLOCK_ROWS]; TILE_TOKENS],
+        isa: Isa,
+    ) {
+        let cols = self.cols;
+        match (self.precision, isa) {
+            #[cfg(target_arch = "x86_64")]
+            (Precision::F32, Isa::Avx512Vnni) => {
+                let w = &self.w32[b * cols * BLOCK_ROWS..][..cols * BLOCK_ROWS];
+                let x = &x[t0 * cols..][..count * cols];
+                // SAFETY: the CPU supports AVX-512 (asserted by `matmul`); `w` holds
+                // `cols` columns of 32 weights and `x` `count` rows of `cols`.
+                #[allow(unsafe_code)]
+                unsafe {
+                    f32_tile_avx512(w, x, cols, count, tile)
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
+            (Precision::F32, Isa::Avx2) => {
+                let w = &self.w32[b * cols * BLOCK_ROWS..][..cols * BLOCK_ROWS];
+                let x = &x[t0 * cols..][..count * cols];
+                // SAFETY: the CPU supports AVX2 and FMA; shapes as above.
+                #[allow(unsafe_code)]
+                unsafe {
+                    f32_tile_avx2(w, x, cols, count, tile)
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
+            (Precision::Bf16, Isa::Avx512Vnni) => {
+                let w = &self.w16[b * cols * BLOCK_ROWS..][..cols * BLOCK_ROWS];
+                let x = &xb[t0 * cols..][..count * cols];
+                // SAFETY: the CPU has AVX-512 BF16 (asserted by `matmul`); `w` holds
+                // `cols / 2` pairs of 32 × 2 weights and `x` `count` rows of `cols`.
+                #[allow(unsafe_code)]
+                unsafe {
+                    bf16_tile_avx512(w, x, cols, count, tile)
+                }
+            }
+            (Precision::F32, _) => {
+                let w = &self.w32[b * cols * BLOCK_ROWS..][..cols * BLOCK_ROWS];
+                for (t, sums) in tile[..count].iter_mut().enumerate() {
+                    let x = &x[(t0 + t) * cols..][..cols];
+                    for (i, s) in sums.iter_mut().enumerate() {
+                        *s = x
+                            .iter()
+                            .enumerate()
+                            .fold(0f32, |acc, (k, &v)| v.mul_add(w[k * BLOCK_ROWS + i], acc));
+                    }
+                }
+            }
+            (Precision::Bf16, _) => {
+                let w = &self.w16[b * cols * BLOCK_ROWS..][..cols * BLOCK_ROWS];
+                for (t, sums) in tile[..count].iter_mut().enumerate() {
+                    let x = &xb[(t0 + t) * cols..][..cols];
+                    for (i, s) in sums.iter_mut().enumerate() {
+                        let mut acc = 0f32;
+                        for p in 0..cols / 2 {
+                            let at = (p * BLOCK_ROWS + i) * 2;
+                            acc += from_bf16(x[2 * p + 1]) * from_bf16(w[at + 1]);
+                            acc += from_bf16(x[2 * p]) * from_bf16(w[at]);
+                        }
+                        *s = acc;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Dispatch a tile kernel on its token count, a constant inside, so that the accumulators
+/// stay in registers.
+macro_rules! by_count {
+    ($kernel:ident, $count:expr, $($arg:expr),*) => {
+        match $count {
+            1 => $kernel::<1>($($arg),*),
+            2 => $kernel::<2>($($arg),*),
+            3 => $kernel::<3>($($arg),*),
+            4 => $kernel::<4>($($arg),*),
+            5 => $kernel::<5>($($arg),*),
+            _ => $kernel::<6>($($arg),*),
+        }
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn f32_tile_avx512(
+    w: &[f32],
+    x: &[f32],
+    cols: usize,
+    count: usize,
+    tile: &mut [[f32; BLOCK_ROWS]; TILE_TOKENS],
+) {
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn kernel<const T: usize>(
+        w: &[f32],
+        x: &[f32],
+        cols: usize,
+        tile: &mut [[f32; BLOCK_ROWS]; TILE_TOKENS],
+    ) {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller passes `cols` columns of 32 weights and `T` rows of `cols`.
+        unsafe {
+            let mut lo = [_mm512_setzero_ps(); T];
+            let mut hi = [_mm512_setzero_ps(); T];
+            let (w, x) = (w.as_ptr(), x.as_ptr());
+            for k in 0..cols {
+                let w0 = _mm512_loadu_ps(w.add(k * BLOCK_ROWS));
+                let w1 = _mm512_loadu_ps(w.add(k * BLOCK_ROWS + 16));
+                for t in 0..T {
+                    let v = _mm512_set1_ps(*x.add(t * cols + k));
+                    lo[t] = _mm512_fmadd_ps(v, w0, lo[t]);
+                    hi[t] = _mm512_fmadd_ps(v, w1, hi[t]);
+                }
+            }
+            for t in 0..T {
+                _mm512_storeu_ps(tile[t].as_mut_ptr(), lo[t]);
+                _mm512_storeu_ps(tile[t].as_mut_ptr().add(16), hi[t]);
+            }
+        }
+    }
+    // SAFETY: as the caller's.
+    unsafe { by_count!(kernel, count, w, x, cols, tile) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn f32_tile_avx2(
+    w: &[f32],
+    x: &[f32],
+    cols: usize,
+    count: usize,
+    tile: &mut [[f32; BLOCK_ROWS]; TILE_TOKENS],
+) {
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn kernel<const T: usize>(
+        w: &[f32],
+        x: &[f32],
+        cols: usize,
+        half: usize,
+        tile: &mut [[f32; BLOCK_ROWS]; TILE_TOKENS],
+    ) {
+        use std::arch::x86_64::*;
+        // SAFETY: as `f32_tile_avx512`'s; `half` is 0 or 16.
+        unsafe {
+            let mut lo = [_mm256_setzero_ps(); T];
+            let mut hi = [_mm256_setzero_ps(); T];
+            let (w, x) = (w.as_ptr().add(half), x.as_ptr());
+            for k in 0..cols {
+                let w0 = _mm256_loadu_ps(w.add(k * BLOCK_ROWS));
+                let w1 = _mm256_loadu_ps(w.add(k * BLOCK_ROWS + 8));
+                for t in 0..T {
+                    let v = _mm256_set1_ps(*x.add(t * cols + k));
+                    lo[t] = _mm256_fmadd_ps(v, w0, lo[t]);
+                    hi[t] = _mm256_fmadd_ps(v, w1, hi[t]);
+                }
+            }
+            for t in 0..T {
+                _mm256_storeu_ps(tile[t].as_mut_ptr().add(half), lo[t]);
+                _mm256_storeu_ps(tile[t].as_mut_ptr().add(half + 8), hi[t]);
+            }
+        }
+    }
+    for half in [0, 16] {
+        // SAFETY: as the caller's.
+        unsafe { by_count!(kernel, count, w, x, cols, half, tile) }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn bf16_tile_avx512(
+    w: &[u16],
+    x: &[u16],
+    cols: usize,
+    count: usize,
+    tile: &mut [[f32; BLOCK_ROWS]; TILE_TOKENS],
+) {
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn kernel<const T: usize>(
+        w: &[u16],
+        x: &[u16],
+        cols: usize,
+        tile: &mut [[f32; BLOCK_ROWS]; TILE_TOKENS],
+    ) {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller passes `cols / 2` pairs of 32 × 2 weights and `T` rows of
+        // `cols` bf16 activations; a pair of activations is read as one u32.
+        unsafe {
+            let mut lo = [_mm512_setzero_ps(); T];
+            let mut hi = [_mm512_setzero_ps(); T];
+            let (w, x) = (w.as_ptr(), x.as_ptr());
+            for p in 0..cols / 2 {
+                let w0: __m512bh =
+                    std::mem::transmute(_mm512_loadu_si512(w.add(p * 2 * BLOCK_ROWS).cast()));
+                let w1: __m512bh = std::mem::transmute(_mm512_loadu_si512(
+                    w.add(p * 2 * BLOCK_ROWS + BLOCK_ROWS).cast(),
+                ));
+                for t in 0..T {
+                    let pair = x.add(t * cols + 2 * p).cast::<i32>().read_unaligned();
+                    let v: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair));
+                    lo[t] = _mm512_dpbf16_ps(lo[t], v, w0);
+                    hi[t] = _mm512_dpbf16_ps(hi[t], v, w1);
+                }
+            }
+            for t in 0..T {
+                _mm512_storeu_ps(tile[t].as_mut_ptr(), lo[t]);
+                _mm512_storeu_ps(tile[t].as_mut_ptr().add(16), hi[t]);
+            }
+        }
+    }
+    // SAFETY: as the caller's.
+    unsafe { by_count!(kernel, count, w, x, cols, tile) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(n: usize, salt: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| (((i * 7919 + salt) % 1009) as f32 / 504.5 - 1.0) * 0.7)
+            .collect()
+    }
+
+    #[test]
+    fn every_path_matches_plain_arithmetic() {
+        let pool = Pool::new(2);
+        // 70 rows: two whole blocks and a partial one; 9 tokens: a whole tile and a part.
+        let (rows, cols, n) = (70, 96, 9);
+        let w = data(rows * cols, 1);
+        let bias = data(rows, 2);
+        let x = data(n * cols, 3);
+        let exact: Vec<f64> = (0..n * rows)
+            .map(|i| {
+                let (t, r) = (i / rows, i % rows);
+                (0..cols)
+                    .map(|k| f64::from(x[t * cols + k]) * f64::from(w[r * cols + k]))
+                    .sum::<f64>()
+                    + f64::from(bias[r])
+            })
+            .collect();
+        for precision in [Precision::F32, Precision::Bf16] {
+            let packed = DensePacked::new(&w, rows, cols, precision).unwrap();
+            let mut want = vec![f32::NAN; n * rows];
+            packed.matmul(
+                &x,
+                &bias,
+                Activation::Identity,
+                &mut want,
+                Isa::Scalar,
+                &pool,
+            );
+            let bound = match precision {
+                Precision::F32 => 1e-5,
+                Precision::Bf16 => 2e-2,
+            };
+            for (a, b) in want.iter().zip(&exact) {
+                assert!(
+                    (f64::from(*a) - b).abs() < bound,
+                    "{precision:?}: {a} vs {b}"
+                );
+            }
+            for isa in Isa::available() {
+                if !precision.fast_on(isa) {
+                    continue;
+                }
+                let mut got = vec![f32::NAN; n * rows];
+                packed.matmul(&x, &bias, Activation::Identity, &mut got, isa, &pool);
+                for (a, b) in got.iter().zip(&want) {
+                    match precision {
+                        Precision::F32 => assert_eq!(a.to_bits(), b.to_bits(), "{}", isa.as_str()),
+                        Precision::Bf16 => assert!((a - b).abs() < 1e-5, "{a} vs {b}"),
+                    }
+                }
+                let mut gelu = vec![f32::NAN; n * rows];
+                packed.matmul(&x, &bias, Activation::Gelu, &mut gelu, isa, &pool);
+                for (g, &y) in gelu.iter().zip(&got) {
+                    let mut v = [y];
+                    math::gelu(Isa::Scalar, &mut v);
+                    assert_eq!(g.to_bits(), v[0].to_bits());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_rounds_to_nearest_even() {
+        assert_eq!(to_bf16(1.0), 0x3f80);
+        assert_eq!(from_bf16(to_bf16(1.0 + 1.0 / 256.0)), 1.0); // a tie, to even
+        assert_eq!(from_bf16(to_bf16(1.0 + 3.0 / 256.0)), 1.0 + 4.0 / 256.0);
+        assert_eq!(to_bf16(f32::MIN_POSITIVE / 2.0), 0);
+        assert!(from_bf16(to_bf16(f32::NAN)).is_nan());
+        assert_eq!(Precision::parse("bf16"), Some(Precision::Bf16));
+        assert!(DensePacked::new(&[0.0; 6], 2, 3, Precision::F32).is_err());
+        // The vector conversion rounds as the scalar one, subnormals and ties included.
+        let mut xs = data(1000, 5);
+        xs.extend([
+            f32::MIN_POSITIVE / 3.0,
+            -1e-40,
+            1.0 + 1.0 / 256.0,
+            3.0e38,
+            -0.0,
+        ]);
+        for isa in Isa::available() {
+            let mut got = vec![0u16; xs.len()];
+            convert_bf16(isa, &xs, &mut got);
+            let want: Vec<u16> = xs.iter().map(|&v| to_bf16(v)).collect();
+            assert_eq!(got, want, "{}", isa.as_str());
+        }
+    }
+}
