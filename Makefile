@@ -99,11 +99,11 @@ bench: models plugins bench-venv llama-cpp
 
 ## Embeddings next to sentence-transformers (torch, 2 threads) on this machine, in one run
 ## (docs/performance.md). torch and sentence-transformers go into .bench-venv.
-MINILM := $(MODELS_DIR)/all-MiniLM-L6-v2
+MINILM_DIR := $(MODELS_DIR)/all-MiniLM-L6-v2
 BENCH_TEXT_FILE := tests/fixtures/perplexity/ruth-kjv.txt
 bench-embeddings: models plugins bench-venv .bench-venv/.sentence-transformers
 	$(CARGO) build --release --locked -p warden --bin warden --example bench_embeddings
-	.bench-venv/bin/python tests/python/bench_embeddings.py $(MINILM) \
+	.bench-venv/bin/python tests/python/bench_embeddings.py $(MINILM_DIR) \
 		target/release/warden target/release/examples/bench_embeddings $(BENCH_TEXT_FILE) $(BENCH_ROUNDS)
 
 .bench-venv/.sentence-transformers: .bench-venv/.llama-cpp-$(LLAMA_CPP_VERSION)

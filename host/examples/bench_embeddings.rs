@@ -10,7 +10,7 @@
 use std::time::Instant;
 
 use warden::engine::kernels::dense::Precision;
-use warden::engine::{DEFAULT_PRECISION, Embedder, MiniLm};
+use warden::engine::{DEFAULT_PRECISION, EmbedInput, Embedder, MiniLm};
 
 fn main() {
     let mut args = std::env::args().skip(1);
@@ -22,15 +22,15 @@ fn main() {
         .expect("usage: bench_embeddings MODEL_DIR INPUTS.json");
     let inputs: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(inputs).expect("inputs")).expect("json");
-    let texts = |kind: &str| -> Vec<String> {
+    let texts = |kind: &str| -> Vec<EmbedInput> {
         inputs[kind]
             .as_array()
             .expect("a list of inputs")
             .iter()
-            .map(|t| t.as_str().expect("text").to_string())
+            .map(|t| EmbedInput::Text(t.as_str().expect("text").to_string()))
             .collect()
     };
-    let one = inputs["one"].as_str().expect("one").to_string();
+    let one = EmbedInput::Text(inputs["one"].as_str().expect("one").to_string());
     let precision = std::env::var("WARDEN_EMBEDDING_PRECISION")
         .ok()
         .map_or(DEFAULT_PRECISION, |p| {
@@ -53,7 +53,7 @@ fn main() {
     );
     for (kind, batch) in [("short", 32), ("long", 16)] {
         let all = texts(kind);
-        let all: Vec<&str> = all.iter().map(String::as_str).collect();
+        let all: Vec<&EmbedInput> = all.iter().collect();
         model.embed(&all[..batch]).expect("embed");
         let t = Instant::now();
         for chunk in all.chunks(batch) {

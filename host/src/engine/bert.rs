@@ -3,6 +3,7 @@
 //! sentence-transformers computes.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_transformers::models::bert::Config;
 use tokenizers::Tokenizer;
@@ -12,7 +13,9 @@ use super::kernels::dense::Precision;
 
 use super::chunks::{BertWords, PIECE_BYTES, pieces};
 
-use super::{Embedder, Embedding, EngineError, ModelLoadError, read_model_file};
+use super::{
+    EmbedInput, Embedder, Embedding, EngineError, ModelLoadError, Vocabulary, read_model_file,
+};
 
 /// sentence-transformers' default when `sentence_bert_config.json` says nothing.
 const DEFAULT_MAX_SEQ_LENGTH: usize = 256;
@@ -26,7 +29,7 @@ pub const DEFAULT_PRECISION: Precision = Precision::Bf16;
 pub struct MiniLm {
     model: Encoder,
     /// Without truncation, padding or special tokens: it is given pieces of a text.
-    tokenizer: Tokenizer,
+    tokenizer: Arc<Tokenizer>,
     /// What the post-processor puts around a text (`[CLS]`, `[SEP]`).
     first: u32,
     last: u32,
@@ -96,7 +99,7 @@ impl MiniLm {
         }
         Ok(Self {
             model,
-            tokenizer,
+            tokenizer: Arc::new(tokenizer),
             first,
             last,
             max_len,
@@ -141,7 +144,7 @@ impl MiniLm {
     /// truncated by the tokenizer. The reference the pieces are tested against.
     #[doc(hidden)]
     pub fn encode_in_one_pass(&self, text: &str) -> Result<Vec<u32>, EngineError> {
-        let mut tokenizer = self.tokenizer.clone();
+        let mut tokenizer = (*self.tokenizer).clone();
         tokenizer
             .with_truncation(Some(tokenizers::TruncationParams {
                 max_length: self.max_len,
@@ -165,10 +168,24 @@ impl MiniLm {
         &mut self.model
     }
 
-    fn forward(&mut self, texts: &[&str]) -> Result<Vec<Embedding>, EngineError> {
-        let encodings = texts
+    /// The ids the model sees for token ids sent by a client: framed, and truncated as a
+    /// text's would be.
+    pub fn frame(&self, ids: &[u32]) -> Vec<u32> {
+        let room = self.max_len - 2;
+        let mut framed = Vec::with_capacity(ids.len().min(room) + 2);
+        framed.push(self.first);
+        framed.extend_from_slice(&ids[..ids.len().min(room)]);
+        framed.push(self.last);
+        framed
+    }
+
+    fn forward(&mut self, inputs: &[&EmbedInput]) -> Result<Vec<Embedding>, EngineError> {
+        let encodings = inputs
             .iter()
-            .map(|t| self.encode(t))
+            .map(|input| match input {
+                EmbedInput::Text(t) => self.encode(t),
+                EmbedInput::Tokens(ids) => Ok(self.frame(ids)),
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let seqs: Vec<&[u32]> = encodings.iter().map(Vec::as_slice).collect();
         let vectors = self.model.forward(&seqs).map_err(EngineError::Model)?;
@@ -183,22 +200,40 @@ impl MiniLm {
     }
 }
 
-impl Embedder for MiniLm {
-    fn embed(&mut self, texts: &[&str]) -> Result<Vec<Embedding>, EngineError> {
-        if texts.is_empty() {
-            return Ok(Vec::new());
-        }
-        self.forward(texts)
+/// The tokenizer's vocabulary, shared with the HTTP layer.
+struct WordPieces {
+    tokenizer: Arc<Tokenizer>,
+    size: usize,
+}
+
+impl Vocabulary for WordPieces {
+    fn size(&self) -> usize {
+        self.size
     }
 
-    fn token_counts(&self, texts: &[&str]) -> Result<Vec<usize>, EngineError> {
-        texts
-            .iter()
-            .map(|t| self.encode(t).map(|ids| ids.len()))
-            .collect()
+    fn decode(&self, ids: &[u32]) -> Result<String, EngineError> {
+        self.tokenizer
+            .decode(ids, true)
+            .map_err(|e| EngineError::Model(format!("tokenizer: {e}")))
+    }
+}
+
+impl Embedder for MiniLm {
+    fn embed(&mut self, inputs: &[&EmbedInput]) -> Result<Vec<Embedding>, EngineError> {
+        if inputs.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.forward(inputs)
     }
 
     fn dimensions(&self) -> usize {
         self.dimensions
+    }
+
+    fn vocabulary(&self) -> Option<Arc<dyn Vocabulary>> {
+        Some(Arc::new(WordPieces {
+            tokenizer: self.tokenizer.clone(),
+            size: self.model.vocab(),
+        }))
     }
 }

@@ -115,14 +115,35 @@ impl From<candle_core::Error> for EngineError {
     }
 }
 
+/// One input of an embeddings request: a text, or the model's own token ids (without the
+/// special tokens that frame a sequence).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EmbedInput {
+    /// Text, tokenized by the model.
+    Text(String),
+    /// Token ids of the model's vocabulary.
+    Tokens(Vec<u32>),
+}
+
 /// A text embedding model.
 pub trait Embedder: Send + 'static {
-    /// Embed a batch of texts. The result has one entry per text, in order.
-    fn embed(&mut self, texts: &[&str]) -> Result<Vec<Embedding>, EngineError>;
-    /// Number of tokens each text turns into (after truncation), in order.
-    fn token_counts(&self, texts: &[&str]) -> Result<Vec<usize>, EngineError>;
+    /// Embed a batch of inputs. The result has one entry per input, in order.
+    fn embed(&mut self, inputs: &[&EmbedInput]) -> Result<Vec<Embedding>, EngineError>;
     /// Vector dimensions.
     fn dimensions(&self) -> usize;
+    /// The model's vocabulary, for token-id inputs; `None` if it takes text only.
+    fn vocabulary(&self) -> Option<Arc<dyn Vocabulary>> {
+        None
+    }
+}
+
+/// A model's token ids, known outside its engine thread: how many there are, and the text
+/// they stand for (what the sanitizer checks when a client sends ids).
+pub trait Vocabulary: Send + Sync + 'static {
+    /// Ids are `0..size()`.
+    fn size(&self) -> usize;
+    /// The text of `ids`, special tokens left out.
+    fn decode(&self, ids: &[u32]) -> Result<String, EngineError>;
 }
 
 /// Hears about a model's queue: the metrics registry implements it. The engine facade

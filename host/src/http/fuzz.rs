@@ -37,7 +37,7 @@ pub fn parse_request(route: &str, content_type: Option<&str>, body: &[u8]) -> Re
         "/v1/embeddings" => {
             let mut r: EmbeddingsRequest = super::handlers::parse_json(&meta, body)?;
             r.encoding()?;
-            r.take_texts().map(drop)
+            r.take_inputs().map(drop)
         }
         "/v1/chat/completions" => {
             ChatRequest::parse(super::handlers::parse_json(&meta, body)?).map(drop)

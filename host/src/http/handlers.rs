@@ -18,7 +18,7 @@ use super::types::{
 };
 use crate::AppState;
 use crate::breaker::Permit;
-use crate::engine::EngineError;
+use crate::engine::{EmbedInput, EmbeddingsHandle, EngineError};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::plugins::{
@@ -443,12 +443,13 @@ where
             let mut request: EmbeddingsRequest = parse_json(&ctx.meta, &body)?;
             drop(body);
             let encoding = request.encoding()?;
-            let texts = request.take_texts()?;
+            let inputs = request.take_inputs()?;
             let services = ctx.state.services().ok_or(ApiError::NotReady)?;
             let model = services
                 .embedding_model(&request.model)
                 .ok_or_else(|| ApiError::ModelNotFound(request.model.clone()))?;
             let _ = ctx.model.set(model.id().to_string());
+            let (texts, tokens) = texts_for_the_sanitizer(model, inputs)?;
 
             let texts = async {
                 let session = ctx.plugins.sanitizer_session(&ctx.meta.request_id).await?;
@@ -466,10 +467,20 @@ where
             }
             .instrument(tracing::debug_span!("plugin.sanitizer"))
             .await?;
+            // Token ids whose text the sanitizer let through unchanged run as sent; a
+            // rewritten one runs as its new text.
+            let inputs: Vec<EmbedInput> = texts
+                .into_iter()
+                .zip(tokens)
+                .map(|(text, sent)| match sent {
+                    Some((ids, decoded)) if decoded == text => EmbedInput::Tokens(ids),
+                    _ => EmbedInput::Text(text),
+                })
+                .collect();
 
             let permit = engine_permit(&ctx.state, model.id())?;
             let embeddings = model
-                .embed(texts)
+                .embed(inputs)
                 .instrument(tracing::debug_span!("engine.embed"))
                 .await;
             settle(permit, embeddings.as_ref().map(|_| ()));
@@ -502,6 +513,48 @@ where
         },
     )
     .await
+}
+
+/// Token ids sent as input, with the text they decode to.
+type SentTokens = Option<(Vec<u32>, String)>;
+
+/// The text of every input, as the sanitizer sees it (token ids decoded, checked against
+/// the model's vocabulary first), and the token ids of those sent as ids.
+fn texts_for_the_sanitizer(
+    model: &EmbeddingsHandle,
+    inputs: Vec<EmbedInput>,
+) -> Result<(Vec<String>, Vec<SentTokens>), ApiError> {
+    let mut texts = Vec::with_capacity(inputs.len());
+    let mut tokens = Vec::with_capacity(inputs.len());
+    for (i, input) in inputs.into_iter().enumerate() {
+        match input {
+            EmbedInput::Text(t) => {
+                texts.push(t);
+                tokens.push(None);
+            }
+            EmbedInput::Tokens(ids) => {
+                let vocabulary = model.vocabulary().ok_or_else(|| {
+                    ApiError::bad("input", "this model takes text only, not token ids")
+                })?;
+                if let Some(id) = ids.iter().find(|&&id| id as usize >= vocabulary.size()) {
+                    return Err(ApiError::bad(
+                        "input",
+                        format!(
+                            "token id {id} in input[{i}] is not in the model's vocabulary \
+                             (ids 0 to {})",
+                            vocabulary.size() - 1
+                        ),
+                    ));
+                }
+                let text = vocabulary
+                    .decode(&ids)
+                    .map_err(|_| ApiError::bad("input", format!("input[{i}] cannot be decoded")))?;
+                texts.push(text.clone());
+                tokens.push(Some((ids, text)));
+            }
+        }
+    }
+    Ok((texts, tokens))
 }
 
 /// `GET /v1/models`: ids only.

@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::engine::EmbedInput;
 use crate::error::ApiError;
 
 /// Most inputs in one embeddings request (OpenAI's limit), checked by the host before any
@@ -14,7 +15,7 @@ pub const MAX_EMBEDDING_INPUTS: usize = 2048;
 pub struct EmbeddingsRequest {
     /// Model id.
     pub model: String,
-    /// A string or an array of strings.
+    /// A string, an array of strings, an array of token ids or an array of token-id arrays.
     pub input: serde_json::Value,
     /// `float` (default) or `base64`.
     #[serde(default)]
@@ -28,6 +29,24 @@ pub struct EmbeddingsRequest {
     pub user: Option<String>,
 }
 
+/// An array of token ids named `name`, each a non-negative integer that fits 32 bits.
+fn token_ids(items: &[serde_json::Value], name: &str) -> Result<Vec<u32>, ApiError> {
+    items
+        .iter()
+        .enumerate()
+        .map(|(j, v)| {
+            v.as_u64()
+                .and_then(|id| u32::try_from(id).ok())
+                .ok_or_else(|| {
+                    ApiError::bad(
+                        "input",
+                        format!("{name}[{j}] must be a token id (a non-negative integer)"),
+                    )
+                })
+        })
+        .collect()
+}
+
 /// How vectors are encoded in the response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EncodingFormat {
@@ -38,14 +57,24 @@ pub enum EncodingFormat {
 }
 
 impl EmbeddingsRequest {
-    /// The texts, validated, moved out of the request (a 2 MiB input is not copied).
-    pub fn take_texts(&mut self) -> Result<Vec<String>, ApiError> {
+    /// The inputs, validated, moved out of the request (a 2 MiB input is not copied): a
+    /// string, an array of strings, an array of token ids, or an array of token-id arrays
+    /// (ids of the model's own vocabulary, checked against it by the handler).
+    pub fn take_inputs(&mut self) -> Result<Vec<EmbedInput>, ApiError> {
         use serde_json::Value;
-        let single = matches!(self.input, Value::String(_));
-        let texts = match std::mem::take(&mut self.input) {
-            Value::String(s) => vec![s],
+        // One input: a string, or one array of token ids.
+        let single = match &self.input {
+            Value::String(_) => true,
+            Value::Array(items) => items.iter().all(Value::is_number),
+            _ => false,
+        };
+        let inputs = match std::mem::take(&mut self.input) {
+            Value::String(s) => vec![EmbedInput::Text(s)],
             Value::Array(items) if items.is_empty() => {
                 return Err(ApiError::bad("input", "input must not be an empty array"));
+            }
+            Value::Array(items) if items.iter().all(Value::is_number) => {
+                vec![EmbedInput::Tokens(token_ids(&items, "input")?)]
             }
             Value::Array(items) if items.len() > MAX_EMBEDDING_INPUTS => {
                 return Err(ApiError::Invalid {
@@ -57,33 +86,43 @@ impl EmbeddingsRequest {
                     ),
                 });
             }
-            Value::Array(items) => {
-                if items.iter().all(|v| v.is_number() || v.is_array()) {
-                    return Err(ApiError::bad(
+            Value::Array(items) if items.iter().all(Value::is_array) => items
+                .into_iter()
+                .enumerate()
+                .map(|(i, v)| match v {
+                    Value::Array(ids) => {
+                        token_ids(&ids, &format!("input[{i}]")).map(EmbedInput::Tokens)
+                    }
+                    _ => unreachable!("every item is an array"),
+                })
+                .collect::<Result<_, _>>()?,
+            Value::Array(items) => items
+                .into_iter()
+                .enumerate()
+                .map(|(i, v)| match v {
+                    Value::String(s) => Ok(EmbedInput::Text(s)),
+                    _ => Err(ApiError::bad(
                         "input",
-                        "token arrays are not supported as input; send text",
-                    ));
-                }
-                items
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, v)| match v {
-                        Value::String(s) => Ok(s),
-                        _ => Err(ApiError::bad(
-                            "input",
-                            format!("input[{i}] must be a string"),
-                        )),
-                    })
-                    .collect::<Result<_, _>>()?
-            }
+                        format!(
+                            "input[{i}] must be a string: an array holds strings, token ids \
+                             or token-id arrays, not a mix"
+                        ),
+                    )),
+                })
+                .collect::<Result<_, _>>()?,
             _ => {
                 return Err(ApiError::bad(
                     "input",
-                    "input must be a string or an array of strings",
+                    "input must be a string, an array of strings, an array of token ids \
+                     or an array of token-id arrays",
                 ));
             }
         };
-        if let Some(i) = texts.iter().position(String::is_empty) {
+        let empty = inputs.iter().position(|i| match i {
+            EmbedInput::Text(t) => t.is_empty(),
+            EmbedInput::Tokens(ids) => ids.is_empty(),
+        });
+        if let Some(i) = empty {
             let name = if single {
                 "input".to_string()
             } else {
@@ -91,7 +130,7 @@ impl EmbeddingsRequest {
             };
             return Err(ApiError::bad("input", format!("{name} must not be empty")));
         }
-        Ok(texts)
+        Ok(inputs)
     }
 
     /// The requested encoding.
@@ -195,22 +234,35 @@ mod tests {
 
     #[test]
     fn inputs_are_validated() {
+        let text = |t: &str| EmbedInput::Text(t.into());
+        let take = |j: &str| req(j).take_inputs().unwrap();
+        assert_eq!(take(r#"{"model":"m","input":"hi"}"#), [text("hi")]);
         assert_eq!(
-            req(r#"{"model":"m","input":"hi"}"#).take_texts().unwrap(),
-            ["hi"]
+            take(r#"{"model":"m","input":["a","b"]}"#),
+            [text("a"), text("b")]
         );
         assert_eq!(
-            req(r#"{"model":"m","input":["a","b"]}"#)
-                .take_texts()
-                .unwrap(),
-            ["a", "b"]
+            take(r#"{"model":"m","input":[1,2]}"#),
+            [EmbedInput::Tokens(vec![1, 2])]
         );
-        let msg = |j: &str| req(j).take_texts().unwrap_err().to_string();
-        assert!(msg(r#"{"model":"m","input":[1,2]}"#).contains("token arrays"));
-        assert!(msg(r#"{"model":"m","input":[[1],[2]]}"#).contains("token arrays"));
         assert_eq!(
-            msg(r#"{"model":"m","input":["a",3]}"#),
-            "input[1] must be a string"
+            take(r#"{"model":"m","input":[[1],[2,3]]}"#),
+            [EmbedInput::Tokens(vec![1]), EmbedInput::Tokens(vec![2, 3])]
+        );
+        let msg = |j: &str| req(j).take_inputs().unwrap_err().to_string();
+        assert!(msg(r#"{"model":"m","input":["a",3]}"#).starts_with("input[1] must be a string"));
+        assert!(msg(r#"{"model":"m","input":[[1],"a"]}"#).starts_with("input[0] must be a string"));
+        assert_eq!(
+            msg(r#"{"model":"m","input":[1,-2]}"#),
+            "input[1] must be a token id (a non-negative integer)"
+        );
+        assert_eq!(
+            msg(r#"{"model":"m","input":[[1],[2.5]]}"#),
+            "input[1][0] must be a token id (a non-negative integer)"
+        );
+        assert_eq!(
+            msg(r#"{"model":"m","input":[4294967296]}"#),
+            "input[0] must be a token id (a non-negative integer)"
         );
         assert_eq!(
             msg(r#"{"model":"m","input":[]}"#),
@@ -220,7 +272,11 @@ mod tests {
             msg(r#"{"model":"m","input":["a",""]}"#),
             "input[1] must not be empty"
         );
-        assert!(msg(r#"{"model":"m","input":{"a":1}}"#).contains("string or an array"));
+        assert_eq!(
+            msg(r#"{"model":"m","input":[[1],[]]}"#),
+            "input[1] must not be empty"
+        );
+        assert!(msg(r#"{"model":"m","input":{"a":1}}"#).contains("a string, an array"));
     }
 
     #[test]

@@ -21,12 +21,25 @@ async fn malformed_requests_are_4xx_with_openai_errors() {
         r.error(400);
     }
     let cases = [
+        // Token ids outside the vocabulary, negative, fractional, empty, or mixed with text.
         (
-            json!({"model": "all-MiniLM-L6-v2", "input": [1, 2, 3]}),
+            json!({"model": "all-MiniLM-L6-v2", "input": [1, 2, 30522]}),
             "input",
         ),
         (
-            json!({"model": "all-MiniLM-L6-v2", "input": [[1, 2], [3]]}),
+            json!({"model": "all-MiniLM-L6-v2", "input": [[1, 2], [-3]]}),
+            "input",
+        ),
+        (
+            json!({"model": "all-MiniLM-L6-v2", "input": [[1.5]]}),
+            "input",
+        ),
+        (
+            json!({"model": "all-MiniLM-L6-v2", "input": [[7592], []]}),
+            "input",
+        ),
+        (
+            json!({"model": "all-MiniLM-L6-v2", "input": [[7592], "hello"]}),
             "input",
         ),
         (json!({"model": "all-MiniLM-L6-v2", "input": []}), "input"),

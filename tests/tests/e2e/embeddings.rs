@@ -167,6 +167,56 @@ async fn single_strings_and_concurrent_requests_agree_with_the_reference() {
     t.server.shutdown().await;
 }
 
+/// Token-id inputs (the model's own WordPiece ids, as OpenAI allows lists of ids) give the
+/// vectors of the text they encode, one array or several, and are truncated as text is.
+#[tokio::test]
+async fn token_arrays_give_the_vectors_of_their_text() {
+    let t = start(config()).await;
+    let dir = warden_tests::models_dir().join("all-MiniLM-L6-v2");
+    let mut tokenizer = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
+    // The file pads to 128 ([PAD] ids would be embedded as tokens): ids as a client sends
+    // them, unpadded and without the frame.
+    tokenizer.with_padding(None);
+    let texts = [
+        "The quick brown fox jumps over the lazy dog.",
+        "Hello, world!",
+    ];
+    let ids: Vec<Vec<u32>> = texts
+        .iter()
+        .map(|t| tokenizer.encode(*t, false).unwrap().get_ids().to_vec())
+        .collect();
+    let by_text = t
+        .embed(json!({"model": "all-MiniLM-L6-v2", "input": texts}))
+        .await;
+    assert_eq!(by_text.status, 200, "{}", by_text.text);
+    let by_ids = t
+        .embed(json!({"model": "all-MiniLM-L6-v2", "input": ids}))
+        .await;
+    assert_eq!(by_ids.status, 200, "{}", by_ids.text);
+    let one = t
+        .embed(json!({"model": "all-MiniLM-L6-v2", "input": ids[0]}))
+        .await;
+    assert_eq!(one.status, 200, "{}", one.text);
+    let (by_text, by_ids) = (by_text.json(), by_ids.json());
+    for i in 0..texts.len() {
+        assert_eq!(
+            floats(&by_ids["data"][i]),
+            floats(&by_text["data"][i]),
+            "input {i}: ids and text give the same vector"
+        );
+    }
+    assert_eq!(floats(&one.json()["data"][0]), floats(&by_text["data"][0]));
+    assert_eq!(by_ids["usage"], by_text["usage"]);
+    // 1,000 ids: the first 254 and the frame.
+    let long: Vec<u32> = (0..1000).map(|i| 2000 + i % 500).collect();
+    let r = t
+        .embed(json!({"model": "all-MiniLM-L6-v2", "input": [long]}))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.json()["usage"]["prompt_tokens"], 256);
+    t.server.shutdown().await;
+}
+
 #[tokio::test]
 async fn long_inputs_are_truncated_to_256_tokens() {
     let t = start(config()).await;
