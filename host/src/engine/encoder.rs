@@ -19,6 +19,9 @@ use super::kernels::dense::{Activation, DensePacked, Precision};
 use super::kernels::pool::Pool;
 use super::kernels::{Isa, SendPtr, attention, math};
 
+/// Passes of at most this many tokens keep their buffers for the next one.
+const KEEP_TOKENS: usize = 512;
+
 /// One transformer layer, repacked.
 struct Layer {
     /// Query, key and value stacked (3 × hidden rows).
@@ -321,7 +324,11 @@ impl Encoder {
                 v
             })
             .collect();
-        self.scratch = s;
+        // Buffers for a few hundred tokens are kept; a large pass's are given back, so a
+        // burst of long inputs does not stay resident.
+        if n <= KEEP_TOKENS {
+            self.scratch = s;
+        }
         Ok(out)
     }
 

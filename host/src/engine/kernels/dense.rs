@@ -293,6 +293,10 @@ impl DensePacked {
                     convert_bf16(isa, &x[i * 16 * 1024..][..piece.len()], piece);
                 });
                 run(xb);
+                // A large pass's activations are not kept resident.
+                if xb.len() > 512 * 1536 {
+                    *xb = Vec::new();
+                }
             }),
         }
     }
