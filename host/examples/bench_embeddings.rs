@@ -2,14 +2,14 @@
 //! `tests/python/bench_embeddings.py`: one sentence (median of 50 calls), 256 short
 //! sentences in batches of 32 and 64 long ones in batches of 16 (the whole set's time, as
 //! sentence-transformers' `encode(batch_size=…)` is timed). Prints one JSON object per
-//! figure. `WARDEN_EMBEDDING_PRECISION` (`f32` or `bf16`) chooses the arithmetic, as for
+//! figure. `WARDEN_EMBEDDING_PRECISION` (`auto`, `f32` or `bf16`) chooses the arithmetic, as for
 //! the server.
 //!
 //! `cargo run --release --example bench_embeddings -- MODEL_DIR INPUTS.json`
 
 use std::time::Instant;
 
-use warden::engine::kernels::dense::Precision;
+use warden::engine::kernels::dense::PrecisionSetting;
 use warden::engine::{DEFAULT_PRECISION, EmbedInput, Embedder, MiniLm};
 
 fn main() {
@@ -34,10 +34,11 @@ fn main() {
     let precision = std::env::var("WARDEN_EMBEDDING_PRECISION")
         .ok()
         .map_or(DEFAULT_PRECISION, |p| {
-            Precision::parse(&p).expect("WARDEN_EMBEDDING_PRECISION: f32 or bf16")
+            PrecisionSetting::parse(&p).expect("WARDEN_EMBEDDING_PRECISION: auto, f32 or bf16")
         });
     let mut model = MiniLm::load_with("all-MiniLM-L6-v2", std::path::Path::new(&dir), precision)
         .expect("model");
+    eprintln!("precision: {}", model.precision().as_str());
 
     model.embed(&[&one]).expect("embed");
     let mut times = Vec::new();

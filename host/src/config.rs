@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::engine::kernels::dense::Precision;
+use crate::engine::kernels::dense::PrecisionSetting;
 use crate::plugins::{FailurePolicy, Limits, LoadError, MAX_MEMORY_BYTES, PluginSource, Slot};
 
 /// A secret string: usable, never printed.
@@ -128,9 +128,10 @@ pub struct EngineConfig {
     pub max_batch: usize,
     /// Text sequences the generation thread advances together.
     pub max_sequences: usize,
-    /// The embedding model's linear layers: `f32` (exact) or `bf16` (faster, cosine
+    /// The embedding model's linear layers: `auto` (bf16 where this CPU runs it
+    /// measurably faster than f32, measured at load), `f32` (exact) or `bf16` (cosine
     /// about 0.99998 against sentence-transformers; needs AVX-512 BF16, else f32).
-    pub embedding_precision: Precision,
+    pub embedding_precision: PrecisionSetting,
     /// A request that cannot start within this many milliseconds gets 503.
     pub queue_timeout_ms: u64,
     /// Engine failures in a row that open a model's circuit breaker.
@@ -529,9 +530,9 @@ pub struct ServeArgs {
     /// Text sequences generated together [default: 8].
     #[arg(long, env = "WARDEN_MAX_SEQUENCES")]
     pub max_sequences: Option<usize>,
-    /// The embedding model's arithmetic, `f32` or `bf16` [default: bf16].
+    /// The embedding model's arithmetic, `auto`, `f32` or `bf16` [default: auto].
     #[arg(long, env = "WARDEN_EMBEDDING_PRECISION", value_parser = parse_precision)]
-    pub embedding_precision: Option<Precision>,
+    pub embedding_precision: Option<PrecisionSetting>,
     /// Milliseconds a request may wait for the engine before it gets 503 [default: 30000].
     #[arg(long, env = "WARDEN_QUEUE_TIMEOUT_MS")]
     pub queue_timeout_ms: Option<u64>,
@@ -681,8 +682,9 @@ fn parse_failure(s: &str) -> Result<FailurePolicy, String> {
 }
 
 /// A precision named on the command line or in the environment.
-fn parse_precision(name: &str) -> Result<Precision, String> {
-    Precision::parse(name).ok_or_else(|| format!("`{name}` is not a precision: use f32 or bf16"))
+fn parse_precision(name: &str) -> Result<PrecisionSetting, String> {
+    PrecisionSetting::parse(name)
+        .ok_or_else(|| format!("`{name}` is not a precision: use auto, f32 or bf16"))
 }
 
 fn set_some<T>(field: &mut T, value: Option<T>) {

@@ -479,26 +479,46 @@ impl<W: World> Loaded<W> {
         limits: Limits,
         request_id: Option<&Arc<str>>,
     ) -> Result<(Store<PluginState>, W::Instance), InstanceError> {
+        let (mut store, instance) = self.fresh(limits, request_id)?;
+        self.configure(&mut store, &instance, request_id)?;
+        Ok((store, instance))
+    }
+
+    /// A fresh instance in a fresh store, its deadline armed, not yet configured.
+    pub(super) fn fresh(
+        &self,
+        limits: Limits,
+        request_id: Option<&Arc<str>>,
+    ) -> Result<(Store<PluginState>, W::Instance), InstanceError> {
         let rt = Runtime::get()
             .map_err(|_| InstanceError::Fault(self.fault(FaultKind::Unavailable, request_id)))?;
         let mut store = rt.store(&self.tag, limits, request_id);
-        let instance = match self.pre.instantiate(&mut store) {
-            Ok(i) => i,
+        match self.pre.instantiate(&mut store) {
+            Ok(i) => Ok((store, i)),
             Err(e) => {
                 let kind = match e.downcast_ref::<wasmtime::Trap>() {
                     Some(_) => runtime::classify(&store, &e),
                     None => FaultKind::Unavailable,
                 };
-                return Err(InstanceError::Fault(self.fault(kind, request_id)));
+                Err(InstanceError::Fault(self.fault(kind, request_id)))
             }
-        };
-        let configured = W::configure(&instance, &mut store, &self.config);
-        if runtime::late(&store) {
+        }
+    }
+
+    /// Hand a fresh instance its configuration.
+    pub(super) fn configure(
+        &self,
+        store: &mut Store<PluginState>,
+        instance: &W::Instance,
+        request_id: Option<&Arc<str>>,
+    ) -> Result<(), InstanceError> {
+        let configured = W::configure(instance, store, &self.config);
+        if runtime::late(store) {
             let kind = FaultKind::Deadline;
             return Err(InstanceError::Fault(self.fault(kind, request_id)));
         }
         match configured {
-            Ok(Ok(())) => Ok((store, instance)),
+            Ok(Ok(())) => Ok(()),
             // Accepted at load, refused now: only a validation call may see this.
             Ok(Err(message)) => match request_id {
                 None => Err(InstanceError::Refused(message)),
@@ -507,7 +527,7 @@ impl<W: World> Loaded<W> {
                 )),
             },
             Err(e) => {
-                let kind = runtime::classify(&store, &e);
+                let kind = runtime::classify(store, &e);
                 Err(InstanceError::Fault(self.fault(kind, request_id)))
             }
         }

@@ -4,10 +4,12 @@
 //! [`DensePacked`] repacks `W` (`rows × cols`) in blocks of 32 rows, column by column:
 //! for each block and column `k`, the 32 rows' weights side by side (f32), or for each
 //! pair of columns the 32 rows' two bf16 weights side by side ([`Precision::Bf16`]). A
-//! register tile is 32 outputs × 6 tokens: per column, two 16-lane weight loads, six
-//! broadcast activations and twelve fused multiply-adds (AVX-512); AVX2 runs the block as
-//! two halves of 16 rows; the bf16 tile uses `vdpbf16ps` (two products per lane and
-//! instruction, about twice the f32 rate on this machine) with f32 accumulation.
+//! register tile is 32 outputs × 12 tokens: per column, two 16-lane weight loads, twelve
+//! broadcast activations and 24 fused multiply-adds (AVX-512); AVX2 runs it as tiles of
+//! 6 tokens and two halves of 16 rows; the bf16 tile uses `vdpbf16ps` (two products per
+//! lane and instruction: about twice the f32 rate on AMD Zen 4, about half of it on Intel
+//! Sapphire Rapids, whose two 512-bit FMA units run f32 at twice Zen 4's rate) with f32
+//! accumulation.
 //!
 //! In f32 every path adds the products in column order with one rounding each (fused
 //! multiply-add), so AVX-512, AVX2 and scalar give the same bits (tested). In bf16 the
@@ -21,8 +23,13 @@ use super::{Isa, SendPtr, math};
 
 /// Rows per packed block.
 const BLOCK_ROWS: usize = 32;
-/// Tokens per register tile.
-const TILE_TOKENS: usize = 6;
+/// Tokens per register tile: 12 × 32 sums are 24 AVX-512 accumulators, which leaves room
+/// for the two weight vectors and the broadcast in 32 registers. Each weight vector loaded
+/// feeds 12 FMAs: with 6, a core with two 512-bit FMA units (Intel's server parts) waits on
+/// L2 for the weights, at about 40 % of its peak.
+const TILE_TOKENS: usize = 12;
+/// Tokens per AVX2 register tile (16 registers: 12 accumulators).
+const AVX2_TOKENS: usize = 6;
 
 /// The arithmetic of a dense product.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Deserialize)]
@@ -57,6 +64,106 @@ impl Precision {
             Precision::Bf16 => bf16_supported(isa),
         }
     }
+}
+
+/// The embedding model's precision as configured: one of [`Precision`], or `auto` (the
+/// default), which takes bf16 only where it is measurably faster than f32 on this CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum PrecisionSetting {
+    /// [`fastest`] at load.
+    #[default]
+    Auto,
+    /// Always f32.
+    F32,
+    /// bf16 where the CPU has AVX-512 BF16, else f32.
+    Bf16,
+}
+
+impl PrecisionSetting {
+    /// Its name in settings and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PrecisionSetting::Auto => "auto",
+            PrecisionSetting::F32 => "f32",
+            PrecisionSetting::Bf16 => "bf16",
+        }
+    }
+
+    /// Parse a name as [`PrecisionSetting::as_str`] writes it.
+    pub fn parse(name: &str) -> Option<PrecisionSetting> {
+        [
+            PrecisionSetting::Auto,
+            PrecisionSetting::F32,
+            PrecisionSetting::Bf16,
+        ]
+        .into_iter()
+        .find(|p| p.as_str() == name.trim())
+    }
+
+    /// The precision to load with on `isa`: a fixed one as it is, `auto` measured.
+    pub fn resolve(self, isa: Isa, pool: &Pool) -> Precision {
+        match self {
+            PrecisionSetting::Auto => fastest(isa, pool),
+            PrecisionSetting::F32 => Precision::F32,
+            PrecisionSetting::Bf16 => Precision::Bf16,
+        }
+    }
+}
+
+impl From<Precision> for PrecisionSetting {
+    fn from(p: Precision) -> Self {
+        match p {
+            Precision::F32 => PrecisionSetting::F32,
+            Precision::Bf16 => PrecisionSetting::Bf16,
+        }
+    }
+}
+
+/// bf16 if this CPU runs a product of the embedding model's shape (1536 × 384) over a
+/// batch's worth of tokens (256) at least 1.15 times as fast in bf16 as in f32, else f32.
+/// `vdpbf16ps` is about twice the f32 rate on AMD Zen 4 and about half of it on Intel
+/// Sapphire Rapids, so no fixed choice is right everywhere. (Over a few tokens the product
+/// is bound by reading the weights, and bf16's half-size weights win on both: the batch
+/// must be large enough to measure the arithmetic.) It takes about 30 ms at load.
+pub fn fastest(isa: Isa, pool: &Pool) -> Precision {
+    if !bf16_supported(isa) {
+        return Precision::F32;
+    }
+    let (rows, cols, n) = (1536, 384, 256);
+    let w: Vec<f32> = (0..rows * cols)
+        .map(|i| (i % 251) as f32 / 251.0 - 0.5)
+        .collect();
+    let x: Vec<f32> = (0..n * cols)
+        .map(|i| (i % 241) as f32 / 241.0 - 0.5)
+        .collect();
+    let bias = vec![0.0; rows];
+    let mut out = vec![0.0; n * rows];
+    let mut best = |precision| {
+        let Ok(d) = DensePacked::new(&w, rows, cols, precision) else {
+            return f64::INFINITY;
+        };
+        (0..4)
+            .map(|_| {
+                let t = std::time::Instant::now();
+                d.matmul(&x, &bias, Activation::Identity, &mut out, isa, pool);
+                t.elapsed().as_secs_f64()
+            })
+            .fold(f64::INFINITY, f64::min)
+    };
+    let (f32_time, bf16_time) = (best(Precision::F32), best(Precision::Bf16));
+    let chosen = if bf16_time * 1.15 < f32_time {
+        Precision::Bf16
+    } else {
+        Precision::F32
+    };
+    tracing::debug!(
+        f32_us = f32_time * 1e6,
+        bf16_us = bf16_time * 1e6,
+        chosen = chosen.as_str(),
+        "measured the embedding products"
+    );
+    chosen
 }
 
 /// Whether `isa` on this CPU has `vdpbf16ps`.
@@ -160,6 +267,45 @@ unsafe fn convert_bf16_avx512(x: &[f32], out: &mut [u16]) -> usize {
 thread_local! {
     /// The activations in bf16, for the calling thread's products.
     static ACTIVATIONS: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
+    /// The activations in panels, for the calling thread's AVX-512 products.
+    static PANELS: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Drop `v`'s buffer if it is large: a long pass's activations are not kept resident.
+fn give_back<T>(v: &mut Vec<T>) {
+    if v.len() > 512 * 1536 {
+        *v = Vec::new();
+    }
+}
+
+/// Lay the activations out in panels for the AVX-512 tiles: tile `j` (tokens
+/// `12j..12j + 12`) is one panel, column by column, the tile's 12 words of a column side
+/// by side. A word is an f32 (`xb` empty) or a pair of bf16 columns. The tile's twelve
+/// broadcasts of a column then read one cache line rather than twelve lines a row apart,
+/// which cost a third of the products' time on Intel (12 rows 6 KiB apart share two L1
+/// sets). Tokens past `n` are zero.
+fn pack_panels(x: &[f32], xb: &[u16], cols: usize, n: usize, out: &mut Vec<u32>, pool: &Pool) {
+    let words = if xb.is_empty() { cols } else { cols / 2 };
+    let panel = words * TILE_TOKENS;
+    out.resize(n.div_ceil(TILE_TOKENS) * panel, 0);
+    pool.for_each_chunk(out, panel, &|j, piece| {
+        for t in 0..TILE_TOKENS {
+            let token = j * TILE_TOKENS + t;
+            if token >= n {
+                for k in 0..words {
+                    piece[k * TILE_TOKENS + t] = 0;
+                }
+            } else if xb.is_empty() {
+                for (k, v) in x[token * cols..][..cols].iter().enumerate() {
+                    piece[k * TILE_TOKENS + t] = v.to_bits();
+                }
+            } else {
+                for (k, pair) in xb[token * cols..][..cols].chunks_exact(2).enumerate() {
+                    piece[k * TILE_TOKENS + t] = u32::from(pair[0]) | u32::from(pair[1]) << 16;
+                }
+            }
+        }
+    });
 }
 
 impl DensePacked {
@@ -249,14 +395,23 @@ impl DensePacked {
             return;
         }
         let out_ptr = SendPtr(out.as_mut_ptr());
-        let run = |xb: &[u16]| {
+        let run = |xb: &[u16], panels: &[u32]| {
+            let words = if self.precision == Precision::F32 {
+                cols
+            } else {
+                cols / 2
+            };
             pool.run(self.blocks, &|b| {
                 let width = BLOCK_ROWS.min(rows - b * BLOCK_ROWS);
                 let mut t0 = 0;
                 while t0 < n {
                     let count = TILE_TOKENS.min(n - t0);
                     let mut tile = [[0f32; BLOCK_ROWS]; TILE_TOKENS];
-                    self.tile(b, x, xb, t0, count, &mut tile, isa);
+                    let panel = match panels.is_empty() {
+                        true => &[][..],
+                        false => &panels[t0 * words..][..TILE_TOKENS * words],
+                    };
+                    self.tile(b, x, xb, panel, t0, count, &mut tile, isa);
                     for (i, sums) in tile[..count].iter_mut().enumerate() {
                         let bias = &bias[b * BLOCK_ROWS..][..width];
                         for (s, &c) in sums.iter_mut().zip(bias) {
@@ -285,29 +440,38 @@ impl DensePacked {
                 }
             });
         };
+        // A large pass's buffers are not kept resident.
+        let paneled = |xb: &[u16]| {
+            if isa != Isa::Avx512Vnni {
+                return run(xb, &[]);
+            }
+            PANELS.with_borrow_mut(|panels| {
+                pack_panels(x, xb, cols, n, panels, pool);
+                run(xb, panels);
+                give_back(panels);
+            })
+        };
         match self.precision {
-            Precision::F32 => run(&[]),
+            Precision::F32 => paneled(&[]),
             Precision::Bf16 => ACTIVATIONS.with_borrow_mut(|xb| {
                 xb.resize(x.len(), 0);
                 pool.for_each_chunk(xb, 16 * 1024, &|i, piece| {
                     convert_bf16(isa, &x[i * 16 * 1024..][..piece.len()], piece);
                 });
-                run(xb);
-                // A large pass's activations are not kept resident.
-                if xb.len() > 512 * 1536 {
-                    *xb = Vec::new();
-                }
+                paneled(xb);
+                give_back(xb);
             }),
         }
     }
 
-    /// Block `b`'s sums for tokens `t0..t0 + count` (`count` ≤ 6).
+    /// Block `b`'s sums for tokens `t0..t0 + count` (`count` ≤ [`TILE_TOKENS`]).
     #[allow(clippy::too_many_arguments)]
     fn tile(
         &self,
         b: usize,
         x: &[f32],
         xb: &[u16],
+        panel: &[u32],
         t0: usize,
         count: usize,
         tile: &mut [[f32; BLOCK_ROWS]; TILE_TOKENS],
@@ -318,12 +482,11 @@ impl DensePacked {
             #[cfg(target_arch = "x86_64")]
             (Precision::F32, Isa::Avx512Vnni) => {
                 let w = &self.w32[b * cols * BLOCK_ROWS..][..cols * BLOCK_ROWS];
-                let x = &x[t0 * cols..][..count * cols];
                 // SAFETY: the CPU supports AVX-512 (asserted by `matmul`); `w` holds
-                // `cols` columns of 32 weights and `x` `count` rows of `cols`.
+                // `cols` columns of 32 weights and `panel` `cols` columns of 12 tokens.
                 #[allow(unsafe_code)]
                 unsafe {
-                    f32_tile_avx512(w, x, cols, count, tile)
+                    f32_tile_avx512(w, panel, cols, count, tile)
                 }
             }
             #[cfg(target_arch = "x86_64")]
@@ -339,12 +502,12 @@ impl DensePacked {
             #[cfg(target_arch = "x86_64")]
             (Precision::Bf16, Isa::Avx512Vnni) => {
                 let w = &self.w16[b * cols * BLOCK_ROWS..][..cols * BLOCK_ROWS];
-                let x = &xb[t0 * cols..][..count * cols];
                 // SAFETY: the CPU has AVX-512 BF16 (asserted by `matmul`); `w` holds
-                // `cols / 2` pairs of 32 × 2 weights and `x` `count` rows of `cols`.
+                // `cols / 2` pairs of 32 × 2 weights and `panel` `cols / 2` columns of 12
+                // tokens' bf16 pairs.
                 #[allow(unsafe_code)]
                 unsafe {
-                    bf16_tile_avx512(w, x, cols, count, tile)
+                    bf16_tile_avx512(w, panel, cols, count, tile)
                 }
             }
             (Precision::F32, _) => {
@@ -388,7 +551,13 @@ macro_rules! by_count {
             3 => $kernel::<3>($($arg),*),
             4 => $kernel::<4>($($arg),*),
             5 => $kernel::<5>($($arg),*),
-            _ => $kernel::<6>($($arg),*),
+            6 => $kernel::<6>($($arg),*),
+            7 => $kernel::<7>($($arg),*),
+            8 => $kernel::<8>($($arg),*),
+            9 => $kernel::<9>($($arg),*),
+            10 => $kernel::<10>($($arg),*),
+            11 => $kernel::<11>($($arg),*),
+            _ => $kernel::<12>($($arg),*),
         }
     };
 }
@@ -398,7 +567,7 @@ macro_rules! by_count {
 #[target_feature(enable = "avx512f,avx2,fma")]
 unsafe fn f32_tile_avx512(
     w: &[f32],
-    x: &[f32],
+    panel: &[u32],
     cols: usize,
     count: usize,
     tile: &mut [[f32; BLOCK_ROWS]; TILE_TOKENS],
@@ -406,21 +575,22 @@ unsafe fn f32_tile_avx512(
     #[target_feature(enable = "avx512f,avx2,fma")]
     unsafe fn kernel<const T: usize>(
         w: &[f32],
-        x: &[f32],
+        panel: &[u32],
         cols: usize,
         tile: &mut [[f32; BLOCK_ROWS]; TILE_TOKENS],
     ) {
         use std::arch::x86_64::*;
-        // SAFETY: the caller passes `cols` columns of 32 weights and `T` rows of `cols`.
+        // SAFETY: the caller passes `cols` columns of 32 weights and a panel of `cols`
+        // columns of 12 f32 words (see `pack_panels`).
         unsafe {
             let mut lo = [_mm512_setzero_ps(); T];
             let mut hi = [_mm512_setzero_ps(); T];
-            let (w, x) = (w.as_ptr(), x.as_ptr());
+            let (w, x) = (w.as_ptr(), panel.as_ptr().cast::<f32>());
             for k in 0..cols {
                 let w0 = _mm512_loadu_ps(w.add(k * BLOCK_ROWS));
                 let w1 = _mm512_loadu_ps(w.add(k * BLOCK_ROWS + 16));
                 for t in 0..T {
-                    let v = _mm512_set1_ps(*x.add(t * cols + k));
+                    let v = _mm512_set1_ps(*x.add(k * TILE_TOKENS + t));
                     lo[t] = _mm512_fmadd_ps(v, w0, lo[t]);
                     hi[t] = _mm512_fmadd_ps(v, w1, hi[t]);
                 }
@@ -432,7 +602,7 @@ unsafe fn f32_tile_avx512(
         }
     }
     // SAFETY: as the caller's.
-    unsafe { by_count!(kernel, count, w, x, cols, tile) }
+    unsafe { by_count!(kernel, count, w, panel, cols, tile) }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -451,7 +621,7 @@ unsafe fn f32_tile_avx2(
         x: &[f32],
         cols: usize,
         half: usize,
-        tile: &mut [[f32; BLOCK_ROWS]; TILE_TOKENS],
+        tile: &mut [[f32; BLOCK_ROWS]],
     ) {
         use std::arch::x86_64::*;
         // SAFETY: as `f32_tile_avx512`'s; `half` is 0 or 16.
@@ -474,9 +644,14 @@ unsafe fn f32_tile_avx2(
             }
         }
     }
-    for half in [0, 16] {
-        // SAFETY: as the caller's.
-        unsafe { by_count!(kernel, count, w, x, cols, half, tile) }
+    // Six tokens at a time: twelve accumulators of the sixteen registers.
+    for t0 in (0..count).step_by(AVX2_TOKENS) {
+        let n = AVX2_TOKENS.min(count - t0);
+        let (x, tile) = (&x[t0 * cols..], &mut tile[t0..]);
+        for half in [0, 16] {
+            // SAFETY: as the caller's.
+            unsafe { by_count!(kernel, n, w, x, cols, half, tile) }
+        }
     }
 }
 
@@ -485,7 +660,7 @@ unsafe fn f32_tile_avx2(
 #[target_feature(enable = "avx512f,avx512bf16")]
 unsafe fn bf16_tile_avx512(
     w: &[u16],
-    x: &[u16],
+    panel: &[u32],
     cols: usize,
     count: usize,
     tile: &mut [[f32; BLOCK_ROWS]; TILE_TOKENS],
@@ -493,17 +668,17 @@ unsafe fn bf16_tile_avx512(
     #[target_feature(enable = "avx512f,avx512bf16")]
     unsafe fn kernel<const T: usize>(
         w: &[u16],
-        x: &[u16],
+        panel: &[u32],
         cols: usize,
         tile: &mut [[f32; BLOCK_ROWS]; TILE_TOKENS],
     ) {
         use std::arch::x86_64::*;
-        // SAFETY: the caller passes `cols / 2` pairs of 32 × 2 weights and `T` rows of
-        // `cols` bf16 activations; a pair of activations is read as one u32.
+        // SAFETY: the caller passes `cols / 2` pairs of 32 × 2 weights and a panel of
+        // `cols / 2` columns of 12 tokens' bf16 pairs (see `pack_panels`).
         unsafe {
             let mut lo = [_mm512_setzero_ps(); T];
             let mut hi = [_mm512_setzero_ps(); T];
-            let (w, x) = (w.as_ptr(), x.as_ptr());
+            let (w, x) = (w.as_ptr(), panel.as_ptr());
             for p in 0..cols / 2 {
                 let w0: __m512bh =
                     std::mem::transmute(_mm512_loadu_si512(w.add(p * 2 * BLOCK_ROWS).cast()));
@@ -511,7 +686,7 @@ unsafe fn bf16_tile_avx512(
                     w.add(p * 2 * BLOCK_ROWS + BLOCK_ROWS).cast(),
                 ));
                 for t in 0..T {
-                    let pair = x.add(t * cols + 2 * p).cast::<i32>().read_unaligned();
+                    let pair = *x.add(p * TILE_TOKENS + t) as i32;
                     let v: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair));
                     lo[t] = _mm512_dpbf16_ps(lo[t], v, w0);
                     hi[t] = _mm512_dpbf16_ps(hi[t], v, w1);
@@ -524,7 +699,7 @@ unsafe fn bf16_tile_avx512(
         }
     }
     // SAFETY: as the caller's.
-    unsafe { by_count!(kernel, count, w, x, cols, tile) }
+    unsafe { by_count!(kernel, count, w, panel, cols, tile) }
 }
 
 #[cfg(test)]
@@ -538,10 +713,41 @@ mod tests {
     }
 
     #[test]
+    fn precision_settings_parse_and_resolve() {
+        for setting in [
+            PrecisionSetting::Auto,
+            PrecisionSetting::F32,
+            PrecisionSetting::Bf16,
+        ] {
+            assert_eq!(PrecisionSetting::parse(setting.as_str()), Some(setting));
+        }
+        assert_eq!(PrecisionSetting::parse("fp16"), None);
+        assert_eq!(PrecisionSetting::default(), PrecisionSetting::Auto);
+        let pool = Pool::new(1);
+        // Fixed settings are kept; `auto` without bf16 hardware is f32, with it whichever
+        // was faster.
+        assert_eq!(
+            PrecisionSetting::Bf16.resolve(Isa::Scalar, &pool),
+            Precision::Bf16
+        );
+        assert_eq!(
+            PrecisionSetting::F32.resolve(Isa::active(), &pool),
+            Precision::F32
+        );
+        assert_eq!(
+            PrecisionSetting::Auto.resolve(Isa::Scalar, &pool),
+            Precision::F32
+        );
+        let auto = PrecisionSetting::Auto.resolve(Isa::active(), &pool);
+        assert!(auto == Precision::F32 || bf16_supported(Isa::active()));
+    }
+
+    #[test]
     fn every_path_matches_plain_arithmetic() {
         let pool = Pool::new(2);
-        // 70 rows: two whole blocks and a partial one; 9 tokens: a whole tile and a part.
-        let (rows, cols, n) = (70, 96, 9);
+        // 70 rows: two whole blocks and a partial one; 29 tokens: two whole tiles of 12 and
+        // a part (and for AVX2, four tiles of 6 and a part).
+        let (rows, cols, n) = (70, 96, 29);
         let w = data(rows * cols, 1);
         let bias = data(rows, 2);
         let x = data(n * cols, 3);
@@ -592,7 +798,12 @@ mod tests {
                 for (g, &y) in gelu.iter().zip(&got) {
                     let mut v = [y];
                     math::gelu(Isa::Scalar, &mut v);
-                    assert_eq!(g.to_bits(), v[0].to_bits());
+                    assert_eq!(
+                        g.to_bits(),
+                        v[0].to_bits(),
+                        "{precision:?} {} gelu({y})",
+                        isa.as_str()
+                    );
                 }
             }
         }
