@@ -160,6 +160,11 @@ impl Serving {
             .env("WARDEN_API_KEY", API_KEY)
             .env("WARDEN_ADMIN_TOKEN", ADMIN_TOKEN)
             .env("RUST_LOG", "info")
+            // The suite starts several servers and models at once on two cores, where a
+            // 30 µs plugin call can wait past the 10 ms default for a core (as in the e2e
+            // suite's `TEST_DEADLINE`); the sanitizer's is set in each test's file.
+            .env("WARDEN_AUTH_DEADLINE_MS", "100")
+            .env("WARDEN_METRICS_POLICY_DEADLINE_MS", "100")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -242,6 +247,7 @@ async fn serve_reloads_on_sighup_and_stops_cleanly_on_sigterm() {
             format!(
                 "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
                  plugin_dir = \"{}\"\ncache_dir = \"{}\"\naudit_log = \"{}\"\n\
+                 [plugins.sanitizer]\ndeadline_ms = 100\n\
                  [plugins.sanitizer.config]\nmax_texts = {max_texts}\n",
                 plugins.display(),
                 dir.path().join("cache").display(),
@@ -400,7 +406,8 @@ async fn a_crash_mid_swap_and_a_damaged_cache_leave_the_next_start_whole() {
         &config,
         format!(
             "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
-             plugin_dir = \"{}\"\ncache_dir = \"{}\"\naudit_log = \"{}\"\n",
+             plugin_dir = \"{}\"\ncache_dir = \"{}\"\naudit_log = \"{}\"\n\
+             [plugins.sanitizer]\ndeadline_ms = 100\n",
             plugins.display(),
             cache.display(),
             dir.path().join("audit.jsonl").display()
