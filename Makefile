@@ -14,7 +14,7 @@ OPENAI_VERSION := 2.54.0
 MINILM := $(MODELS_DIR)/all-MiniLM-L6-v2/model.safetensors
 SMOLLM := $(MODELS_DIR)/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: run build plugins models wasm-target venv bench-venv llama-cpp bench bench-embeddings bench-swap bench-memory bench-sanitizer soak overload fuzz secret-scan coverage promtool monitoring lint test fmt clean
+.PHONY: run build plugins models wasm-target venv bench-venv llama-cpp bench bench-embeddings bench-swap bench-plugins bench-memory bench-sanitizer soak overload fuzz secret-scan coverage promtool monitoring lint test fmt clean
 
 ## Serve on $WARDEN_LISTEN (default 127.0.0.1:8080); honours every WARDEN_* variable.
 run: wasm-target models plugins build
@@ -116,6 +116,12 @@ bench-swap: plugins
 	@rm -rf target/bench-swap-cache
 	./target/release/examples/bench_swap $(PLUGIN_DIR) target/bench-swap-cache
 	./target/release/examples/bench_swap $(PLUGIN_DIR) target/bench-swap-cache
+
+## What the policy plugins cost one request: per slot and phase in-process, the chain a
+## short completion makes, and GET /v1/models against GET /health over HTTP.
+bench-plugins: models plugins
+	$(CARGO) build --release --locked -p warden --bin warden --example bench_plugins
+	./target/release/examples/bench_plugins $(PLUGIN_DIR) 2000 target/release/warden $(MODELS_DIR)
 
 ## 100,000 requests through the whole path; memory and the metrics size must stay flat.
 soak: models plugins

@@ -13,13 +13,15 @@
 //! promise is broken.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
+use serde_json::json;
+
+#[path = "support/serve.rs"]
+mod serve;
 
 const KEY: &str = "overload-key-inference-and-metrics-4b1e";
 
@@ -133,55 +135,11 @@ async fn main() {
     let clients: usize = args.next().map_or(256, |n| n.parse().expect("CLIENTS"));
     let seconds: u64 = args.next().map_or(60, |n| n.parse().expect("SECONDS"));
 
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = dir.path().join("warden.toml");
-    std::fs::write(
-        &config,
-        "listen = \"127.0.0.1:0\"\ncache_dir = \"\"\naudit_log = \"\"\n",
-    )
-    .expect("config");
-    let mut child = Command::new(&bin)
-        .args(["--log-json", "serve", "--config"])
-        .arg(&config)
-        .env("WARDEN_MODELS_DIR", &models)
-        .env("WARDEN_PLUGIN_DIR", &plugins)
-        .env("WARDEN_API_KEY", KEY)
-        .env("WARDEN_METRICS_API_KEY", KEY)
-        .env("RUST_LOG", "warn,warden=info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn warden serve");
+    let served = serve::Served::start(&bin, &models, &plugins, KEY);
+    let mut child = served.child;
     let pid = child.id();
-    let stderr = BufReader::new(child.stderr.take().expect("stderr"));
-    let (tx, rx) = std::sync::mpsc::channel::<Value>();
-    std::thread::spawn(move || {
-        for line in stderr.lines().map_while(Result::ok) {
-            let v: Value =
-                serde_json::from_str(&line).unwrap_or(json!({"fields": {"message": line}}));
-            if tx.send(v).is_err() {
-                return;
-            }
-        }
-    });
-    let mut addr = String::new();
-    loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(120))
-            .expect("the server starts");
-        let message = line["fields"]["message"].as_str().unwrap_or_default();
-        if message == "listening" {
-            addr = line["fields"]["addr"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string();
-        }
-        if message == "ready" {
-            break;
-        }
-        assert!(message != "start-up failed", "{line}");
-    }
-    let base = format!("http://{addr}");
+    let rx = served.logs;
+    let base = served.base;
     // Later log lines (warnings under load) are drained and counted.
     let warnings = Arc::new(Mutex::new(BTreeMap::<String, u64>::new()));
     {

@@ -6,6 +6,7 @@
 
 mod bindings;
 mod loader;
+mod profile;
 mod registry;
 mod runtime;
 mod wasi;
@@ -16,11 +17,15 @@ use std::sync::Arc;
 
 pub(crate) use loader::file_name;
 pub use loader::{Inspection, LoadError, PluginSource, inspect, versions_served};
+#[doc(hidden)]
+pub use profile::{PhaseSamples, ProfileRequest, profile_handoff};
 pub use registry::{
     AUDIT_EVENTS_KEPT, AuditEvent, AuditLog, Checked, Outcome, OutputFilter, PluginSet, Registry,
     SanitizerSession, Trigger, check,
 };
-pub use runtime::{DiskCache, Limits, MAX_MEMORY_BYTES, escape_log_message, hold_epoch_for_tests};
+pub use runtime::{
+    DiskCache, Limits, MAX_MEMORY_BYTES, escape_log_message, hold_epoch_for_tests, host_panics,
+};
 
 /// The three plugin slots.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -33,9 +33,9 @@ const MAX_LABEL_VALUE: usize = 64;
 
 /// One plugin per slot.
 pub struct PluginSet {
-    auth: Arc<Loaded<AuthPluginPre<PluginState>>>,
-    sanitizer: Arc<Loaded<SanitizerPluginPre<PluginState>>>,
-    metrics: Arc<Loaded<MetricsPolicyPluginPre<PluginState>>>,
+    pub(super) auth: Arc<Loaded<AuthPluginPre<PluginState>>>,
+    pub(super) sanitizer: Arc<Loaded<SanitizerPluginPre<PluginState>>>,
+    pub(super) metrics: Arc<Loaded<MetricsPolicyPluginPre<PluginState>>>,
 }
 
 impl std::fmt::Debug for PluginSet {
@@ -162,7 +162,10 @@ impl PluginSet {
         let plugin = self.auth.clone();
         let meta = meta.clone();
         let rid = meta.request_id.clone();
-        off_reactor(&self.auth, Some(&rid), move || authenticate(&plugin, &meta)).await
+        call(&self.auth, Some(&rid), 0, move || {
+            authenticate(&plugin, &meta)
+        })
+        .await
     }
 
     /// Start a sanitizer session for one request: one instance that checks the input and
@@ -173,7 +176,7 @@ impl PluginSet {
     ) -> Result<SanitizerSession, Fault> {
         let plugin = self.sanitizer.clone();
         let rid = request_id.clone();
-        let inner = off_reactor(&self.sanitizer, Some(request_id), move || {
+        let inner = call(&self.sanitizer, Some(request_id), 0, move || {
             let (store, instance) = instance(&plugin, Some(&rid))?;
             Ok(SessionInner::new(rid, store, instance))
         })
@@ -195,7 +198,7 @@ impl PluginSet {
         let plugin = self.metrics.clone();
         let summary = summary.clone();
         let rid = request_id.clone();
-        off_reactor(&self.metrics, Some(request_id), move || {
+        call(&self.metrics, Some(request_id), 0, move || {
             labels(&plugin, &summary, &rid)
         })
         .await
@@ -215,7 +218,7 @@ impl PluginSet {
         let plugin = self.metrics.clone();
         let caller = caller.clone();
         let rid = request_id.clone();
-        off_reactor(&self.metrics, Some(request_id), move || {
+        call(&self.metrics, Some(request_id), 0, move || {
             visible_series(&plugin, &caller, &rid)
         })
         .await
@@ -467,10 +470,23 @@ impl AnyLoaded {
     }
 }
 
-/// Run `f` (a plugin call) on a plugin thread; a call that is lost is a fault of `loaded`.
-async fn off_reactor<W: World, R, F>(
+/// Client text above which a call runs on a plugin thread rather than the caller's (about
+/// a millisecond of the reference sanitizer's input check; see [`call`]).
+const INLINE_MAX_BYTES: usize = 32 << 10;
+
+/// Run `f`, a plugin call handed `bytes` of client text; a call that is lost is a fault of
+/// `loaded`.
+///
+/// A call runs on the caller's thread, a tokio worker included: nothing a plugin can reach
+/// waits (`wasi.rs`), and the deadline bounds how long it can hold the thread, so the only
+/// cost of a call is the plugin's own work. A call given more than [`INLINE_MAX_BYTES`]
+/// (a large input check, whose budget grows with its size) goes to a plugin thread
+/// instead, so that a long scan does not hold up the connections that share the worker.
+/// A panic on the host side of a call fails the call, not the caller.
+async fn call<W: World, R, F>(
     loaded: &Loaded<W>,
     request_id: Option<&Arc<str>>,
+    bytes: usize,
     f: F,
 ) -> Result<R, Fault>
 where
@@ -479,7 +495,12 @@ where
 {
     loaded.stats.calls.fetch_add(1, Ordering::Relaxed);
     let started = Instant::now();
-    let result = match runtime::call(f).await {
+    let ran = if bytes > INLINE_MAX_BYTES {
+        runtime::call(f).await
+    } else {
+        runtime::inline(f)
+    };
+    let result = match ran {
         Ok(result) => result,
         Err(lost) => Err(loaded.fault(lost.kind(), request_id)),
     };
@@ -505,10 +526,11 @@ fn on_time<W: World, R>(
     request_id: Option<&Arc<str>>,
     result: wasmtime::Result<R>,
 ) -> Result<R, Fault> {
-    if runtime::late(store) {
-        return Err(plugin.fault(FaultKind::Deadline, request_id));
+    match result {
+        Ok(_) if runtime::late(store) => Err(plugin.fault(FaultKind::Deadline, request_id)),
+        Ok(r) => Ok(r),
+        Err(e) => Err(plugin.fault(runtime::classify(store, &e), request_id)),
     }
-    result.map_err(|e| plugin.fault(runtime::classify(store, &e), request_id))
 }
 
 fn instance<W: World>(
@@ -528,7 +550,7 @@ pub struct SanitizerSession {
     inner: Arc<Mutex<SessionInner>>,
 }
 
-struct SessionInner {
+pub(super) struct SessionInner {
     request_id: Arc<str>,
     store: Store<PluginState>,
     instance: SanitizerPlugin,
@@ -577,8 +599,8 @@ fn same_shape(before: &Payload, after: &Payload) -> bool {
 }
 
 impl SanitizerSession {
-    /// Run `f` against the session's store on a plugin thread.
-    async fn run<R, F>(&self, f: F) -> Result<R, Fault>
+    /// Run `f`, a call given `bytes` of client text, against the session's store.
+    async fn run<R, F>(&self, bytes: usize, f: F) -> Result<R, Fault>
     where
         F: FnOnce(&mut SessionInner, &SanitizerLoaded) -> Result<R, Fault> + Send + 'static,
         R: Send + 'static,
@@ -586,7 +608,7 @@ impl SanitizerSession {
         let inner = self.inner.clone();
         let plugin = self.plugin.clone();
         let rid = self.request_id.clone();
-        off_reactor(&self.plugin, Some(&self.request_id), move || {
+        call(&self.plugin, Some(&self.request_id), bytes, move || {
             // A store that saw a host panic is not used again.
             let mut guard = inner
                 .lock()
@@ -602,12 +624,15 @@ impl SanitizerSession {
         &self,
         input: InferenceInput,
     ) -> Result<Result<Checked, Refusal>, Fault> {
-        self.run(move |s, p| s.check_input(p, input)).await
+        self.run(input.payload.text_bytes(), move |s, p| {
+            s.check_input(p, input)
+        })
+        .await
     }
 
     /// Create an output filter for one response of this request.
     pub async fn output_filter(&self, kind: InputKind) -> Result<OutputFilter, Fault> {
-        self.run(move |s, p| s.output_filter(p, kind)).await
+        self.run(0, move |s, p| s.output_filter(p, kind)).await
     }
 
     /// Feed generated text; returns what may be released.
@@ -616,17 +641,22 @@ impl SanitizerSession {
         filter: OutputFilter,
         chunk: String,
     ) -> Result<Result<String, Refusal>, Fault> {
-        self.run(move |s, p| s.push(p, filter, &chunk)).await
+        self.run(chunk.len(), move |s, p| s.push(p, filter, &chunk))
+            .await
     }
 
     /// End of generation; returns what was held back.
     pub async fn finish(&self, filter: OutputFilter) -> Result<Result<String, Refusal>, Fault> {
-        self.run(move |s, p| s.finish(p, filter)).await
+        self.run(0, move |s, p| s.finish(p, filter)).await
     }
 }
 
 impl SessionInner {
-    fn new(request_id: Arc<str>, store: Store<PluginState>, instance: SanitizerPlugin) -> Self {
+    pub(super) fn new(
+        request_id: Arc<str>,
+        store: Store<PluginState>,
+        instance: SanitizerPlugin,
+    ) -> Self {
         Self {
             request_id,
             store,
@@ -671,7 +701,7 @@ impl SessionInner {
         }
     }
 
-    fn check_input(
+    pub(super) fn check_input(
         &mut self,
         plugin: &SanitizerLoaded,
         input: InferenceInput,
@@ -693,7 +723,7 @@ impl SessionInner {
         }
     }
 
-    fn output_filter(
+    pub(super) fn output_filter(
         &mut self,
         plugin: &SanitizerLoaded,
         kind: InputKind,
@@ -704,7 +734,7 @@ impl SessionInner {
         self.on_time(plugin, made).map(OutputFilter)
     }
 
-    fn push(
+    pub(super) fn push(
         &mut self,
         plugin: &SanitizerLoaded,
         filter: OutputFilter,
@@ -720,7 +750,7 @@ impl SessionInner {
         }
     }
 
-    fn finish(
+    pub(super) fn finish(
         &mut self,
         plugin: &SanitizerLoaded,
         filter: OutputFilter,

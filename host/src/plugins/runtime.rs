@@ -5,11 +5,11 @@
 //! their sha256) and pre-instantiated; each request gets fresh [`Store`]s, so no state can
 //! pass from one request (or principal) to another through a plugin's memory.
 //!
-//! Guest code never runs on a tokio worker. wasmtime-wasi's synchronous bindings block on
-//! tokio for stream operations (a plugin that writes to stderr, a Rust panic message for
-//! instance), which must not happen on a reactor thread; and a plugin spinning until its
-//! deadline must not stall the connections that share its worker. Every instantiation and
-//! call therefore runs on a small pool of plugin threads ([`call`]), fed by a bounded queue.
+//! A call runs on the thread that needs it ([`inline`]), a tokio worker included: the WASI
+//! surface plugins see never waits and needs no runtime (`wasi.rs`), and the deadline bounds
+//! what a call can take. Calls that may legitimately run long (a large input check) go to a
+//! small pool of plugin threads instead ([`call`]), fed by a bounded queue, so that they do
+//! not hold up the connections sharing a worker.
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
@@ -271,6 +271,30 @@ impl CallLost {
     }
 }
 
+/// Run `f` (which calls into a plugin) on this thread; a panic on the host side fails the
+/// call, not the thread.
+pub(super) fn inline<R>(f: impl FnOnce() -> R) -> Result<R, CallLost> {
+    std::panic::catch_unwind(AssertUnwindSafe(f)).map_err(|_| {
+        host_panicked();
+        CallLost::Panicked
+    })
+}
+
+/// Host-side panics during plugin calls since start: a bug in Warden whatever the plugin
+/// did, so the tests assert there are none.
+static HOST_PANICS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn host_panicked() {
+    HOST_PANICS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    tracing::error!("a plugin call panicked in the host; the call failed");
+}
+
+/// How many plugin calls panicked on the host side (see [`HOST_PANICS`]). For tests.
+#[doc(hidden)]
+pub fn host_panics() -> u64 {
+    HOST_PANICS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Run `f` (which calls into a plugin) on a plugin thread and wait for its result without
 /// blocking the caller's thread.
 pub(super) async fn call<R, F>(f: F) -> Result<R, CallLost>
@@ -300,7 +324,7 @@ fn start_call_threads(threads: usize) -> std::io::Result<mpsc::SyncSender<Job>> 
                     let Ok(job) = job else { return };
                     // A panic drops the job's result sender: the caller sees `Panicked`.
                     if std::panic::catch_unwind(AssertUnwindSafe(job)).is_err() {
-                        tracing::error!("a plugin call panicked in the host; the call failed");
+                        host_panicked();
                     }
                 }
             })?;
@@ -702,13 +726,23 @@ pub(super) fn classify(store: &Store<PluginState>, error: &wasmtime::Error) -> F
     if state.memory.exceeded {
         return FaultKind::Memory;
     }
-    if state.timed_out || late(store) {
+    let interrupted = matches!(
+        error.downcast_ref::<wasmtime::Trap>(),
+        Some(wasmtime::Trap::Interrupt)
+    );
+    if state.timed_out || interrupted {
+        return FaultKind::Deadline;
+    }
+    // A result too large to lift is malformed even when lifting it ran past the deadline:
+    // that time is the host's copying, and the answer is refused either way.
+    if unliftable(error) {
+        return FaultKind::Malformed;
+    }
+    if late(store) {
         return FaultKind::Deadline;
     }
     match error.downcast_ref::<wasmtime::Trap>() {
-        Some(wasmtime::Trap::Interrupt) => FaultKind::Deadline,
         Some(_) => FaultKind::Trap,
-        None if unliftable(error) => FaultKind::Malformed,
         None if format!("{error:#}").contains(super::wasi::NO_WAITING) => FaultKind::Blocked,
         None => FaultKind::Trap,
     }

@@ -81,6 +81,13 @@ async fn every_fault_in_every_slot_is_contained() {
             assert_eq!(r.status, 200, "after {slot} {mode}: {}", r.text);
         }
     }
+    // Calls run on the request's own task: a guest panic (its message written to stderr)
+    // or a trap must fail the call in wasmtime, never panic the host side of it.
+    assert_eq!(
+        warden::plugins::host_panics(),
+        0,
+        "a plugin fault panicked the host"
+    );
     t.server.shutdown().await;
 }
 
