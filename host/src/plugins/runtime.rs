@@ -31,6 +31,12 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(1);
 /// The largest memory cap a plugin may be given; the pooling allocator's slot size.
 pub const MAX_MEMORY_BYTES: usize = 256 << 20;
 
+/// Linear memory and table bytes each pool slot keeps resident when an instance ends,
+/// zeroed with `memset` rather than `madvise`: the next instance in the slot starts on
+/// resident pages (a fresh instance's first call here 7 → 3 µs, instantiation 12 → 9 µs).
+/// Costs at most this much per pool slot ever used (a few MiB at the server's concurrency).
+const KEEP_RESIDENT: usize = 128 << 10;
+
 /// Plugin calls waiting for a plugin thread; beyond this a call fails as `unavailable`.
 const CALL_QUEUE: usize = 1024;
 
@@ -358,7 +364,9 @@ impl Runtime {
             .max_memories_per_component(4)
             .max_tables_per_component(8)
             .max_core_instances_per_component(16)
-            .max_memory_size(MAX_MEMORY_BYTES);
+            .max_memory_size(MAX_MEMORY_BYTES)
+            .linear_memory_keep_resident(KEEP_RESIDENT)
+            .table_keep_resident(KEEP_RESIDENT);
         let mut config = Config::new();
         config
             .wasm_component_model(true)
