@@ -24,7 +24,7 @@ use serde_json::json;
 use warden::metrics::Metrics;
 use warden::plugins::{
     InferenceInput, InputKind, Limits, Payload, PhaseSamples, PluginSet, PluginSource,
-    ProfileRequest, RequestMeta, RequestSummary, Slot, profile_handoff,
+    ProfileRequest, RequestSummary, Slot, profile_handoff,
 };
 
 #[path = "support/serve.rs"]
@@ -77,13 +77,7 @@ fn request() -> ProfileRequest {
 /// One request's plugin work through the API the HTTP layer uses; returns per-slot times.
 async fn chain(set: &Arc<PluginSet>, round: usize, req: &ProfileRequest) -> [Duration; 3] {
     let rid: Arc<str> = format!("chain-{round}").into();
-    let meta = RequestMeta {
-        request_id: rid.clone(),
-        method: "POST".into(),
-        path: "/v1/completions".into(),
-        headers: vec![("authorization".into(), req.authorization.clone())],
-        client_addr: None,
-    };
+    let meta = req.meta(&rid);
     let started = Instant::now();
     let principal = set
         .authenticate(&meta)

@@ -36,6 +36,19 @@ pub struct ProfileRequest {
     pub chunks: Vec<String>,
 }
 
+impl ProfileRequest {
+    /// What the auth plugin sees of this request, under `request_id`.
+    pub fn meta(&self, request_id: &Arc<str>) -> RequestMeta {
+        RequestMeta {
+            request_id: request_id.clone(),
+            method: "POST".into(),
+            path: "/v1/completions".into(),
+            headers: vec![("authorization".into(), self.authorization.clone())],
+            client_addr: None,
+        }
+    }
+}
+
 struct Recorder {
     phases: Vec<PhaseSamples>,
 }
@@ -97,13 +110,7 @@ impl PluginSet {
         };
         for round in 0..rounds {
             let rid: Arc<str> = format!("profile-{round}").into();
-            let meta = RequestMeta {
-                request_id: rid.clone(),
-                method: "POST".into(),
-                path: "/v1/completions".into(),
-                headers: vec![("authorization".into(), request.authorization.clone())],
-                client_addr: None,
-            };
+            let meta = request.meta(&rid);
 
             let auth = &*self.auth;
             let (mut store, instance) = fresh(&mut rec, auth, &rid);
