@@ -162,52 +162,106 @@ pub fn gelu_one(x: f32) -> f32 {
 /// `x[i] = gelu(x[i])` (BERT's exact-erf GELU); every path gives the reference's bits
 /// wherever `e^(−z²)` is a normal float.
 pub fn gelu(isa: Isa, x: &mut [f32]) {
+    let n = x.len();
+    let p = x.as_mut_ptr();
+    // SAFETY: `p` is valid for `n` reads and writes; each element is read before it is
+    // written, by the same lane.
+    #[allow(unsafe_code)]
+    unsafe {
+        bias_act::<false, true>(isa, p, std::ptr::null(), p, n)
+    }
+}
+
+/// `out[i] = x[i] + bias[i]`, through [`gelu`] if `gelu`: a dense layer's epilogue in one
+/// pass, with loads and stores of one width (a row added by one loop and read by another
+/// at another width waited on every load for a failed store forward).
+pub fn bias_gelu(isa: Isa, x: &[f32], bias: &[f32], gelu: bool, out: &mut [f32]) {
+    let n = x.len();
+    assert!(bias.len() == n && out.len() == n, "bias_gelu shapes");
+    let (x, bias, out) = (x.as_ptr(), bias.as_ptr(), out.as_mut_ptr());
+    // SAFETY: the three pointers are valid for `n` elements (asserted above), and `out`,
+    // borrowed mutably, does not overlap the other two.
+    #[allow(unsafe_code)]
+    unsafe {
+        match gelu {
+            true => bias_act::<true, true>(isa, x, bias, out, n),
+            false => bias_act::<true, false>(isa, x, bias, out, n),
+        }
+    }
+}
+
+/// `out[i] = act(x[i] + bias[i])` (no bias unless `BIAS`; `act` GELU if `GELU`).
+///
+/// # Safety
+/// `x`, `out` (and `bias` if `BIAS`) valid for `n` elements; `out` may be `x`.
+#[allow(unsafe_code)]
+unsafe fn bias_act<const BIAS: bool, const GELU: bool>(
+    isa: Isa,
+    x: *const f32,
+    bias: *const f32,
+    out: *mut f32,
+    n: usize,
+) {
     assert!(isa.supported(), "{} is not supported here", isa.as_str());
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
     match isa {
-        // SAFETY: the CPU supports the instruction set (asserted above).
-        #[allow(unsafe_code)]
-        Isa::Avx512Vnni => done = unsafe { gelu_avx512(x) },
+        // SAFETY: the CPU supports the instruction set (asserted above); the caller's.
+        Isa::Avx512Vnni => done = unsafe { bias_act_avx512::<BIAS, GELU>(x, bias, out, n) },
         // SAFETY: as above.
-        #[allow(unsafe_code)]
-        Isa::Avx2 => done = unsafe { gelu_avx2(x) },
+        Isa::Avx2 => done = unsafe { bias_act_avx2::<BIAS, GELU>(x, bias, out, n) },
         Isa::Scalar => {}
     }
-    for v in &mut x[done..] {
-        *v = gelu_one(*v);
+    for i in done..n {
+        // SAFETY: `i < n`, the caller's promise.
+        unsafe {
+            let mut v = *x.add(i);
+            if BIAS {
+                v += *bias.add(i);
+            }
+            *out.add(i) = if GELU { gelu_one(v) } else { v };
+        }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 #[target_feature(enable = "avx512f")]
-unsafe fn gelu_avx512(x: &mut [f32]) -> usize {
+unsafe fn bias_act_avx512<const BIAS: bool, const GELU: bool>(
+    x: *const f32,
+    bias: *const f32,
+    out: *mut f32,
+    n: usize,
+) -> usize {
     use std::arch::x86_64::*;
     let c = |v: f32| _mm512_set1_ps(v);
     let mut i = 0;
-    while i + 16 <= x.len() {
-        // SAFETY: `i + 16 ≤ x.len()`.
+    while i + 16 <= n {
+        // SAFETY: `i + 16 ≤ n`, the caller's promise.
         unsafe {
-            let p = x.as_mut_ptr().add(i);
-            let v = _mm512_loadu_ps(p);
-            let z = _mm512_mul_ps(v, c(std::f32::consts::FRAC_1_SQRT_2));
-            let bits = _mm512_castps_si512(z);
-            let sign = _mm512_and_si512(bits, _mm512_set1_epi32(i32::MIN));
-            let a = _mm512_castsi512_ps(_mm512_andnot_si512(_mm512_set1_epi32(i32::MIN), bits));
-            let t = _mm512_div_ps(c(1.0), _mm512_add_ps(c(1.0), _mm512_mul_ps(c(ERF_P), a)));
-            let mut poly = c(ERF_A[4]);
-            for &k in ERF_A[..4].iter().rev() {
-                poly = _mm512_add_ps(_mm512_mul_ps(poly, t), c(k));
+            let mut v = _mm512_loadu_ps(x.add(i));
+            if BIAS {
+                v = _mm512_add_ps(v, _mm512_loadu_ps(bias.add(i)));
             }
-            poly = _mm512_mul_ps(poly, t);
-            let e = exp_avx512(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(a, a)));
-            let erf = _mm512_castsi512_ps(_mm512_or_si512(
-                _mm512_castps_si512(_mm512_sub_ps(c(1.0), _mm512_mul_ps(poly, e))),
-                sign,
-            ));
-            let y = _mm512_mul_ps(_mm512_mul_ps(c(0.5), v), _mm512_add_ps(c(1.0), erf));
-            _mm512_storeu_ps(p, y);
+            if GELU {
+                let z = _mm512_mul_ps(v, c(std::f32::consts::FRAC_1_SQRT_2));
+                let bits = _mm512_castps_si512(z);
+                let sign = _mm512_and_si512(bits, _mm512_set1_epi32(i32::MIN));
+                let a = _mm512_castsi512_ps(_mm512_andnot_si512(_mm512_set1_epi32(i32::MIN), bits));
+                let t = _mm512_div_ps(c(1.0), _mm512_add_ps(c(1.0), _mm512_mul_ps(c(ERF_P), a)));
+                let mut poly = c(ERF_A[4]);
+                for &k in ERF_A[..4].iter().rev() {
+                    poly = _mm512_add_ps(_mm512_mul_ps(poly, t), c(k));
+                }
+                poly = _mm512_mul_ps(poly, t);
+                let e = exp_avx512(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(a, a)));
+                let erf = _mm512_castsi512_ps(_mm512_or_si512(
+                    _mm512_castps_si512(_mm512_sub_ps(c(1.0), _mm512_mul_ps(poly, e))),
+                    sign,
+                ));
+                v = _mm512_mul_ps(_mm512_mul_ps(c(0.5), v), _mm512_add_ps(c(1.0), erf));
+            }
+            _mm512_storeu_ps(out.add(i), v);
         }
         i += 16;
     }
@@ -217,28 +271,37 @@ unsafe fn gelu_avx512(x: &mut [f32]) -> usize {
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn gelu_avx2(x: &mut [f32]) -> usize {
+unsafe fn bias_act_avx2<const BIAS: bool, const GELU: bool>(
+    x: *const f32,
+    bias: *const f32,
+    out: *mut f32,
+    n: usize,
+) -> usize {
     use std::arch::x86_64::*;
     let c = |v: f32| _mm256_set1_ps(v);
     let mut i = 0;
-    while i + 8 <= x.len() {
-        // SAFETY: `i + 8 ≤ x.len()`.
+    while i + 8 <= n {
+        // SAFETY: `i + 8 ≤ n`, the caller's promise.
         unsafe {
-            let p = x.as_mut_ptr().add(i);
-            let v = _mm256_loadu_ps(p);
-            let z = _mm256_mul_ps(v, c(std::f32::consts::FRAC_1_SQRT_2));
-            let sign = _mm256_and_ps(z, c(-0.0));
-            let a = _mm256_andnot_ps(c(-0.0), z);
-            let t = _mm256_div_ps(c(1.0), _mm256_add_ps(c(1.0), _mm256_mul_ps(c(ERF_P), a)));
-            let mut poly = c(ERF_A[4]);
-            for &k in ERF_A[..4].iter().rev() {
-                poly = _mm256_add_ps(_mm256_mul_ps(poly, t), c(k));
+            let mut v = _mm256_loadu_ps(x.add(i));
+            if BIAS {
+                v = _mm256_add_ps(v, _mm256_loadu_ps(bias.add(i)));
             }
-            poly = _mm256_mul_ps(poly, t);
-            let e = exp_avx2(_mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(a, a)));
-            let erf = _mm256_or_ps(_mm256_sub_ps(c(1.0), _mm256_mul_ps(poly, e)), sign);
-            let y = _mm256_mul_ps(_mm256_mul_ps(c(0.5), v), _mm256_add_ps(c(1.0), erf));
-            _mm256_storeu_ps(p, y);
+            if GELU {
+                let z = _mm256_mul_ps(v, c(std::f32::consts::FRAC_1_SQRT_2));
+                let sign = _mm256_and_ps(z, c(-0.0));
+                let a = _mm256_andnot_ps(c(-0.0), z);
+                let t = _mm256_div_ps(c(1.0), _mm256_add_ps(c(1.0), _mm256_mul_ps(c(ERF_P), a)));
+                let mut poly = c(ERF_A[4]);
+                for &k in ERF_A[..4].iter().rev() {
+                    poly = _mm256_add_ps(_mm256_mul_ps(poly, t), c(k));
+                }
+                poly = _mm256_mul_ps(poly, t);
+                let e = exp_avx2(_mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(a, a)));
+                let erf = _mm256_or_ps(_mm256_sub_ps(c(1.0), _mm256_mul_ps(poly, e)), sign);
+                v = _mm256_mul_ps(_mm256_mul_ps(c(0.5), v), _mm256_add_ps(c(1.0), erf));
+            }
+            _mm256_storeu_ps(out.add(i), v);
         }
         i += 8;
     }
@@ -627,6 +690,28 @@ mod tests {
                     "{} silu: {a} vs {b}",
                     isa.as_str()
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn bias_and_gelu_in_one_pass_give_the_reference_bits() {
+        // 37 values: two AVX-512 vectors, four AVX2 ones and a scalar tail.
+        let x: Vec<f32> = (0..37).map(|i| (i as f32 - 18.0) * 0.61).collect();
+        let bias: Vec<f32> = (0..37).map(|i| (i as f32 * 0.37).sin()).collect();
+        for isa in Isa::available() {
+            for apply in [false, true] {
+                let mut got = vec![f32::NAN; x.len()];
+                bias_gelu(isa, &x, &bias, apply, &mut got);
+                for ((&g, &v), &b) in got.iter().zip(&x).zip(&bias) {
+                    let want = if apply { gelu_one(v + b) } else { v + b };
+                    assert_eq!(
+                        g.to_bits(),
+                        want.to_bits(),
+                        "{} {apply} {v}+{b}",
+                        isa.as_str()
+                    );
+                }
             }
         }
     }

@@ -7,6 +7,8 @@
 //! run-time feature checks, and the pool's hand-over of a borrowed closure to its worker
 //! threads. Every SIMD kernel has a plain scalar reference and tests that it agrees.
 
+#[cfg(target_arch = "x86_64")]
+pub mod amx;
 pub mod attention;
 pub mod dense;
 pub mod math;
@@ -143,8 +145,10 @@ pub enum Isa {
     Avx512Vnni,
 }
 
-/// The environment variable that caps the instruction set (`avx512-vnni`, `avx2` or
-/// `scalar`), to run and test the fallback paths on a capable machine.
+/// The environment variable that caps the instruction set (`avx512-amx`, `avx512-vnni`,
+/// `avx2` or `scalar`), to run and test the fallback paths on a capable machine.
+/// `avx512-amx` caps nothing; `avx512-vnni` keeps AVX-512 but not AMX's tiles
+/// ([`amx::active`]).
 pub const ISA_VARIABLE: &str = "WARDEN_KERNELS";
 
 impl Isa {
@@ -203,13 +207,14 @@ impl Isa {
         *ACTIVE.get_or_init(|| {
             let detected = Isa::detected();
             let chosen = match std::env::var(ISA_VARIABLE) {
+                Ok(name) if name.trim() == "avx512-amx" => detected,
                 Ok(name) => match Isa::parse(&name) {
                     Some(cap) => cap.min(detected),
                     None => {
                         tracing::warn!(
                             variable = ISA_VARIABLE,
                             value = %name,
-                            "unknown instruction set; expected avx512-vnni, avx2 or scalar"
+                            "unknown instruction set; expected avx512-amx, avx512-vnni, avx2 or scalar"
                         );
                         detected
                     }
