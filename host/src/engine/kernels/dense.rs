@@ -546,36 +546,31 @@ impl DensePacked {
             pool.run(chunks * groups, &|task| {
                 let (chunk, group) = (task / groups, task % groups);
                 let tiles = amx::Tiles::configure();
-                // Two sets of sums: one product's are finished while the next runs on the
-                // tiles. Read straight after `tilestored`, they waited for the store to
-                // retire (no forwarding from tile stores), which cost more than the product.
-                let mut sums = [[[0f32; amx::OUTPUTS]; amx::TOKENS]; 2];
-                let mut pending = None;
+                let mut sums = [[0f32; amx::OUTPUTS]; amx::TOKENS];
                 let tokens = chunk * AMX_CHUNK..padded.min((chunk + 1) * AMX_CHUNK);
-                let blocks = group * per_group..self.blocks.min((group + 1) * per_group);
-                let steps =
-                    blocks.flat_map(|b| tokens.clone().step_by(amx::TOKENS).map(move |t| (b, t)));
-                for (i, (b, t0)) in steps.enumerate() {
+                for b in group * per_group..self.blocks.min((group + 1) * per_group) {
                     let w = &self.w16[b * cols * BLOCK_ROWS..][..cols * BLOCK_ROWS];
-                    let pairs = if tokens.end - t0 >= amx::TOKENS { 2 } else { 1 };
-                    // SAFETY: rows `t0..t0 + 16·pairs` are within the `padded` rows of `xs`,
-                    // each `cols` bf16 long; `w` is block `b`'s `cols / 2` pairs of 32 × 2
-                    // weights; `cols` is a multiple of 32 (checked by the caller).
-                    #[allow(unsafe_code)]
-                    unsafe {
-                        let x = xs[t0 * cols..].as_ptr();
-                        let into = &mut sums[i % 2];
-                        tiles.product(x, cols * 2, w.as_ptr(), cols / amx::STEP, pairs, into);
-                    }
-                    let count = n.saturating_sub(t0).min(16 * pairs);
-                    if let Some((b, t0, count, slot)) = pending.replace((b, t0, count, i % 2)) {
-                        let done = &sums[slot][..count];
+                    for t0 in tokens.clone().step_by(amx::TOKENS) {
+                        let pairs = if tokens.end - t0 >= amx::TOKENS { 2 } else { 1 };
+                        // SAFETY: rows `t0..t0 + 16·pairs` are within the `padded` rows of
+                        // `xs`, each `cols` bf16 long; `w` is block `b`'s `cols / 2` pairs
+                        // of 32 × 2 weights; `cols` is a multiple of 32 (checked by the
+                        // caller).
+                        #[allow(unsafe_code)]
+                        unsafe {
+                            let x = xs[t0 * cols..].as_ptr();
+                            tiles.product(
+                                x,
+                                cols * 2,
+                                w.as_ptr(),
+                                cols / amx::STEP,
+                                pairs,
+                                &mut sums,
+                            );
+                        }
+                        let done = &sums[..n.saturating_sub(t0).min(16 * pairs)];
                         self.finish(b, t0, done, bias, act, Isa::Avx512Vnni, out);
                     }
-                }
-                if let Some((b, t0, count, slot)) = pending {
-                    let done = &sums[slot][..count];
-                    self.finish(b, t0, done, bias, act, Isa::Avx512Vnni, out);
                 }
             });
             give_back(xb);
