@@ -75,10 +75,8 @@ impl std::fmt::Debug for Encoder {
 }
 
 thread_local! {
-    /// One attention task's gathered operands: q, kᵀ, v, the output and the scores.
-    static SPAN: RefCell<[Vec<f32>; 5]> = const {
-        RefCell::new([Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new()])
-    };
+    /// One attention task's transposed keys, scores and outputs.
+    static SPAN: RefCell<attention::SpanScratch> = RefCell::new(attention::SpanScratch::default());
 }
 
 /// Why an encoder cannot be built from a model's files.
@@ -344,33 +342,30 @@ impl Encoder {
     ) {
         let (h, heads) = (self.hidden, self.heads);
         let dim = h / heads;
+        let ctx_len = ctx.len();
         let ctx_ptr = SendPtr(ctx.as_mut_ptr());
         pool.run(spans.len() * heads, &|task| {
             let ((start, len), head) = (spans[task / heads], task % heads);
-            SPAN.with_borrow_mut(|[q, kt, v, out, scores]| {
-                q.clear();
-                v.clear();
-                kt.resize(dim * len, 0.0);
-                out.resize(dim * len, 0.0);
-                for i in 0..len {
-                    let row = &qkv[(start + i) * 3 * h..][..3 * h];
-                    q.extend_from_slice(&row[head * dim..][..dim]);
-                    for (d, &k) in row[h + head * dim..][..dim].iter().enumerate() {
-                        kt[d * len + i] = k;
-                    }
-                    v.extend_from_slice(&row[2 * h + head * dim..][..dim]);
-                }
-                attention::attend_span(isa, dim, q, kt, v, scores, out);
-                for (i, o) in out.chunks_exact(dim).enumerate() {
+            SPAN.with_borrow_mut(|scratch| {
+                let span = attention::Span {
+                    rows: &qkv[start * 3 * h..(start + len) * 3 * h],
+                    stride: 3 * h,
+                    q: head * dim,
+                    k: h + head * dim,
+                    v: 2 * h + head * dim,
+                    dim,
+                };
+                attention::attend_span(isa, span, scratch, |i, o| {
                     let at = (start + i) * h + head * dim;
+                    assert!(o.len() == dim && at + dim <= ctx_len, "attention output");
                     // SAFETY: task (sequence, head) writes only columns
                     // `head·dim..(head+1)·dim` of its own sequence's rows: no two tasks
-                    // write the same element, and `at + dim ≤ tokens·hidden = ctx.len()`.
+                    // write the same element, and `at + dim ≤ ctx.len()` (asserted).
                     #[allow(unsafe_code)]
                     unsafe {
                         std::ptr::copy_nonoverlapping(o.as_ptr(), ctx_ptr.get().add(at), dim);
                     }
-                }
+                });
             });
         });
     }
