@@ -4,28 +4,33 @@
 //! [`Refusal`], [`Fault`]); wasmtime and the generated bindings stay inside
 //! this module. See `docs/architecture.md` for how a request flows through the plugins.
 
+mod audit;
 mod bindings;
 mod loader;
 mod profile;
 mod registry;
 mod runtime;
+mod session;
+mod smoke;
+mod swap;
 mod wasi;
 
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+pub use audit::{AUDIT_EVENTS_KEPT, AuditEvent, AuditLog, Outcome, Trigger};
 pub(crate) use loader::file_name;
 pub use loader::{Inspection, LoadError, PluginSource, inspect, versions_served};
 #[doc(hidden)]
 pub use profile::{PhaseSamples, ProfileRequest, profile_handoff};
-pub use registry::{
-    AUDIT_EVENTS_KEPT, AuditEvent, AuditLog, Checked, Outcome, OutputFilter, PluginSet, Registry,
-    SanitizerSession, Trigger, check,
-};
+pub use registry::PluginSet;
 pub use runtime::{
     DiskCache, Limits, MAX_MEMORY_BYTES, escape_log_message, hold_epoch_for_tests, host_panics,
 };
+pub use session::{Checked, OutputFilter, SanitizerSession};
+pub use smoke::check;
+pub use swap::Registry;
 
 /// The three plugin slots.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -10,7 +10,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::registry::{PluginSet, SessionInner};
+use super::registry::PluginSet;
+use super::session::SessionInner;
 use super::{InferenceInput, InputKind, Payload, Principal, RequestMeta, RequestSummary, Slot};
 use super::{bindings, runtime};
 
