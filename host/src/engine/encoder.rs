@@ -17,7 +17,7 @@ use candle_transformers::models::bert::{Config, HiddenAct, PositionEmbeddingType
 
 use super::kernels::dense::{Activation, DensePacked, Precision};
 use super::kernels::pool::Pool;
-use super::kernels::{Isa, SendPtr, attention, math};
+use super::kernels::{Isa, SendPtr, math, span};
 
 /// Passes of at most this many tokens keep their buffers for the next one.
 const KEEP_TOKENS: usize = 512;
@@ -76,7 +76,7 @@ impl std::fmt::Debug for Encoder {
 
 thread_local! {
     /// One attention task's transposed keys, scores and outputs.
-    static SPAN: RefCell<attention::SpanScratch> = RefCell::new(attention::SpanScratch::default());
+    static SPAN: RefCell<span::SpanScratch> = RefCell::new(span::SpanScratch::default());
 }
 
 /// Why an encoder cannot be built from a model's files.
@@ -347,7 +347,7 @@ impl Encoder {
         pool.run(spans.len() * heads, &|task| {
             let ((start, len), head) = (spans[task / heads], task % heads);
             SPAN.with_borrow_mut(|scratch| {
-                let span = attention::Span {
+                let span = span::Span {
                     rows: &qkv[start * 3 * h..(start + len) * 3 * h],
                     stride: 3 * h,
                     q: head * dim,
@@ -355,7 +355,7 @@ impl Encoder {
                     v: 2 * h + head * dim,
                     dim,
                 };
-                attention::attend_span(isa, span, scratch, |i, o| {
+                span::attend_span(isa, span, scratch, |i, o| {
                     let at = (start + i) * h + head * dim;
                     assert!(o.len() == dim && at + dim <= ctx_len, "attention output");
                     // SAFETY: task (sequence, head) writes only columns

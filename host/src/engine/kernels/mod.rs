@@ -15,6 +15,7 @@ pub mod math;
 pub mod pool;
 pub mod q4;
 pub mod q8;
+pub mod span;
 
 use std::sync::OnceLock;
 
