@@ -4,7 +4,7 @@
 use wasmtime::Store;
 use wasmtime::component::{HasSelf, InstancePre, Linker};
 
-use super::runtime::PluginState;
+use super::state::PluginState;
 use super::{ChatMessage, InferenceInput, InputKind, Payload, Principal, Refusal, RequestMeta};
 
 pub mod auth {

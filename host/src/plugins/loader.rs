@@ -13,7 +13,9 @@ const VALIDATION_DEADLINE: std::time::Duration = std::time::Duration::from_secs(
 use wasmtime::Store;
 
 use super::bindings::World;
-use super::runtime::{self, DiskCache, LogBudget, PluginState, Runtime, StoreTag};
+use super::cache::DiskCache;
+use super::runtime::{self, Runtime};
+use super::state::{LogBudget, PluginState, StoreTag};
 use super::{FailurePolicy, Fault, FaultKind, FaultSink, Limits, Slot, WIT_VERSION};
 
 /// Why a plugin was refused. Messages name files by file name only, never a path.

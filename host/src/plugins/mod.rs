@@ -6,12 +6,14 @@
 
 mod audit;
 mod bindings;
+mod cache;
 mod loader;
 mod profile;
 mod registry;
 mod runtime;
 mod session;
 mod smoke;
+mod state;
 mod swap;
 mod wasi;
 
@@ -20,16 +22,16 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 pub use audit::{AUDIT_EVENTS_KEPT, AuditEvent, AuditLog, Outcome, Trigger};
+pub use cache::DiskCache;
 pub(crate) use loader::file_name;
 pub use loader::{Inspection, LoadError, PluginSource, inspect, versions_served};
 #[doc(hidden)]
 pub use profile::{PhaseSamples, ProfileRequest, profile_handoff};
 pub use registry::PluginSet;
-pub use runtime::{
-    DiskCache, Limits, MAX_MEMORY_BYTES, escape_log_message, hold_epoch_for_tests, host_panics,
-};
+pub use runtime::{Limits, MAX_MEMORY_BYTES, hold_epoch_for_tests, host_panics};
 pub use session::{Checked, OutputFilter, SanitizerSession};
 pub use smoke::check;
+pub use state::escape_log_message;
 pub use swap::Registry;
 
 /// The three plugin slots.

@@ -85,7 +85,7 @@ fn fresh<W: bindings::World>(
     rec: &mut Recorder,
     loaded: &super::loader::Loaded<W>,
     rid: &Arc<str>,
-) -> (wasmtime::Store<runtime::PluginState>, W::Instance) {
+) -> (wasmtime::Store<super::state::PluginState>, W::Instance) {
     let slot = loaded.slot;
     let (mut store, instance) = rec
         .time(slot, "instantiate", || {

@@ -8,10 +8,12 @@ use std::time::{Instant, UNIX_EPOCH};
 use wasmtime::Store;
 
 use super::bindings::{self, AuthPluginPre, MetricsPolicyPluginPre, SanitizerPluginPre, World};
+use super::cache::DiskCache;
 use super::loader::{LoadError, Loaded, PluginSource};
-use super::runtime::{self, DiskCache, PluginState};
+use super::runtime;
 use super::session::{SanitizerSession, SessionInner};
 use super::smoke::{smoke_auth, smoke_metrics, smoke_sanitizer};
+use super::state::PluginState;
 use super::{
     ALLOWED_LABELS, FailurePolicy, Fault, FaultKind, FaultSink, Limits, PluginStatus, Principal,
     Refusal, RequestMeta, RequestSummary, Slot, Visibility, WIT_VERSION,

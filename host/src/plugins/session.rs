@@ -9,7 +9,8 @@ use wasmtime::component::ResourceAny;
 use super::bindings::{self, SanitizerPlugin, SanitizerPluginPre, WitVerdict};
 use super::loader::Loaded;
 use super::registry::*;
-use super::runtime::{self, PluginState};
+use super::runtime;
+use super::state::PluginState;
 use super::{Fault, FaultKind, InferenceInput, InputKind, Payload, Refusal};
 
 /// One request's sanitizer instance. It lives as long as the request (input check, then

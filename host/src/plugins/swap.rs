@@ -13,9 +13,9 @@ use sha2::{Digest, Sha256};
 use arc_swap::ArcSwap;
 
 use super::audit::*;
+use super::cache::DiskCache;
 use super::loader::{LoadError, PluginSource};
 use super::registry::*;
-use super::runtime::DiskCache;
 use super::{FaultSink, PluginStatus, Slot};
 
 /// Rollback targets: each slot's previous plugin.

@@ -48,7 +48,7 @@ use wasmtime_wasi::p2::{
     DynPollable, FsError, FsResult, Pollable, StreamError, StreamResult, subscribe,
 };
 
-use super::runtime::PluginState;
+use super::state::PluginState;
 
 /// Most random bytes one call may ask for (a seed or a nonce needs a few dozen).
 pub const MAX_RANDOM_BYTES: u64 = 64 << 10;

@@ -39,7 +39,7 @@ const QUERY_BLOCK: usize = 6;
 /// position `i` of the span, `out_i = softmax(q_i·Kᵀ / √dim) · V`, handed to
 /// `emit(i, out_i)`. The keys are transposed once (zero-padded to a multiple of 16
 /// positions); the queries and values are read in place. Both products run as register
-/// tiles of up to [`QUERY_BLOCK`] rows × 32 (AVX-512) or 16 columns, each sum a chain of
+/// tiles of up to six query rows × 32 (AVX-512) or 16 columns, each sum a chain of
 /// fused multiply-adds in the order of its inner dimension, the same on every path; the
 /// paths differ only by the rounding of the softmax's SIMD exponentials.
 pub fn attend_span(
