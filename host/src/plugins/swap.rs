@@ -5,6 +5,7 @@
 //! one live.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -35,9 +36,12 @@ pub struct Registry {
     current: ArcSwap<PluginSet>,
     sink: Arc<dyn FaultSink>,
     cache: Option<DiskCache>,
-    /// Held for the whole of a change, so changes apply one at a time; requests never
-    /// take it.
+    /// Held for the whole of a change, so changes apply one at a time; requests and
+    /// status reads never take it.
     previous: Mutex<Previous>,
+    /// Which slots have a rollback target, as of the last change: what status reads see,
+    /// so that they never wait behind a change (which may compile for seconds).
+    rollback_ready: [AtomicBool; 3],
     audit: Mutex<VecDeque<AuditEvent>>,
     audit_log: Option<AuditLog>,
 }
@@ -72,6 +76,7 @@ impl Registry {
             sink,
             cache,
             previous: Mutex::new(Previous::default()),
+            rollback_ready: Default::default(),
             audit: Mutex::new(VecDeque::with_capacity(AUDIT_EVENTS_KEPT)),
             audit_log: None,
         }
@@ -92,14 +97,33 @@ impl Registry {
         self.previous.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Each slot's live plugin, as operators see it.
+    /// Each slot's live plugin, as operators see it. Never waits for a change in progress.
     pub fn status(&self) -> Vec<PluginStatus> {
-        let mut previous = self.lock_previous();
         let live = self.current();
         Slot::ALL
             .iter()
-            .map(|&slot| live.get(slot).status(previous.slot(slot).is_some()))
+            .map(|&slot| live.get(slot).status(self.rollback_available(slot)))
             .collect()
+    }
+
+    fn rollback_available(&self, slot: Slot) -> bool {
+        self.rollback_ready[slot.index()].load(Ordering::Acquire)
+    }
+
+    /// Publish which slots have a rollback target; called under the writer lock.
+    fn publish(&self, previous: &mut Previous) {
+        for slot in Slot::ALL {
+            let ready = previous.slot(slot).is_some();
+            self.rollback_ready[slot.index()].store(ready, Ordering::Release);
+        }
+    }
+
+    /// Run `f` while holding the lock every change holds, as a change that is compiling
+    /// would. For tests that reads do not wait behind changes. Never in production.
+    #[doc(hidden)]
+    pub fn while_changing_for_tests<R>(&self, f: impl FnOnce() -> R) -> R {
+        let _change = self.lock_previous();
+        f()
     }
 
     /// The most recent audit events, oldest first.
@@ -241,6 +265,7 @@ impl Registry {
                     *previous.slot(event.slot) = Some(live.get(event.slot));
                 }
             }
+            self.publish(&mut previous);
             announce(&*self.sink, &next);
             self.current.store(Arc::new(next));
         }
@@ -286,6 +311,7 @@ impl Registry {
         announce(&*self.sink, &next);
         self.current.store(Arc::new(next));
         *previous.slot(slot) = Some(old);
+        self.publish(&mut previous);
         self.record(event);
         Ok(status)
     }

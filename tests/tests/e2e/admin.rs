@@ -682,3 +682,34 @@ async fn plugin_authors_can_inspect_and_check_offline() {
         "metrics-policy plugin `misbehave` failed its smoke call: labels: deadline"
     );
 }
+
+/// Admin reads never wait behind a change: while the lock every change holds (for as long
+/// as it compiles and validates) is taken, `GET /admin/plugins` still answers, and nothing
+/// blocks the worker that serves it. Before the status read had its own data, it waited on
+/// that lock on a tokio worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugin_status_answers_while_a_change_is_in_progress() {
+    let t = start(admin_config()).await;
+    let state = t.server.state().clone();
+    let (held_tx, held_rx) = std::sync::mpsc::channel();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let holder = std::thread::spawn(move || {
+        let plugins = &state.services().expect("serving").plugins;
+        plugins.while_changing_for_tests(|| {
+            held_tx.send(()).unwrap();
+            let _ = release_rx.recv();
+        })
+    });
+    held_rx.recv().unwrap();
+    let answered = tokio::time::timeout(
+        Duration::from_secs(30),
+        t.send(t.admin(Method::GET, "/admin/plugins")),
+    )
+    .await;
+    release_tx.send(()).unwrap();
+    holder.join().unwrap();
+    let r = answered.expect("GET /admin/plugins answered while a change was in progress");
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.json()["plugins"].as_array().unwrap().len(), 3);
+    t.server.shutdown().await;
+}
