@@ -187,6 +187,9 @@ fn main() {
     .to_string();
     let set = Arc::new(
         PluginSet::load(
+            &warden::plugins::Runtime::builder()
+                .build()
+                .expect("plugin runtime"),
             &source(&dir, Slot::Auth, "auth-api-key", auth_config),
             &source(&dir, Slot::Sanitizer, "sanitize-basic", "{}".into()),
             &source(
@@ -232,7 +235,9 @@ fn main() {
         .build()
         .expect("runtime");
     runtime.block_on(async {
-        let handoff = tokio::spawn(profile_handoff(rounds)).await.expect("task");
+        let handoff = tokio::spawn(profile_handoff(set.runtime().clone(), rounds))
+            .await
+            .expect("task");
         report("phase", handoff.slot, handoff.phase, handoff.samples);
 
         let set2 = set.clone();

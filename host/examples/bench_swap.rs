@@ -49,6 +49,9 @@ fn main() {
 
     let started = Instant::now();
     let set = PluginSet::load(
+        &warden::plugins::Runtime::builder()
+            .build()
+            .expect("plugin runtime"),
         &source(&dir, Slot::Auth, "auth-api-key", &keys(1)),
         &source(&dir, Slot::Sanitizer, "sanitize-basic", "{}"),
         &source(&dir, Slot::MetricsPolicy, "metrics-policy-basic", "{}"),

@@ -49,6 +49,9 @@ async fn main() {
     let sink = Arc::new(Metrics::new());
     let set = Arc::new(
         PluginSet::load(
+            &warden::plugins::Runtime::builder()
+                .build()
+                .expect("plugin runtime"),
             &source(&dir, Slot::Auth, "auth-api-key", r#"{"keys":[]}"#),
             &source(&dir, Slot::Sanitizer, "sanitize-basic", "{}"),
             &source(&dir, Slot::MetricsPolicy, "metrics-policy-basic", "{}"),

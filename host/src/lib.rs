@@ -27,7 +27,7 @@ pub use config::Config;
 use engine::{EmbeddingsHandle, GenerateConfig, MiniLm, TextModel, WorkerConfig};
 use metrics::Metrics;
 use plugins::{
-    AuditLog, DiskCache, PluginSet, PluginSource, PluginStatus, Registry, Slot, Trigger,
+    AuditLog, DiskCache, PluginSet, PluginSource, PluginStatus, Registry, Runtime, Slot, Trigger,
 };
 
 /// The embedding model served by default: a directory of this name under `models_dir`.
@@ -272,7 +272,9 @@ fn load_plugins(
 ) -> Result<Registry, StartError> {
     let sources = configured_sources(config, prepared.auth_config)?;
     let cache = disk_cache(config);
+    let runtime = Runtime::builder().build().map_err(StartError::Other)?;
     let set = PluginSet::load(
+        &runtime,
         &sources[0],
         &sources[1],
         &sources[2],

@@ -158,8 +158,17 @@ fn read(file: &std::path::Path) -> Result<Vec<u8>, String> {
     })
 }
 
+/// The plugin runtime of one CLI command: the server's settings, with room for a few
+/// instances and one plugin thread.
+fn cli_runtime() -> Result<std::sync::Arc<warden::plugins::Runtime>, String> {
+    warden::plugins::Runtime::builder()
+        .instances(16)
+        .call_threads(1)
+        .build()
+}
+
 fn inspect(file: &std::path::Path, json: bool) -> ExitCode {
-    let report = read(file).and_then(|bytes| warden::plugins::inspect(&bytes));
+    let report = read(file).and_then(|bytes| warden::plugins::inspect(&*cli_runtime()?, &bytes));
     let report = match report {
         Ok(r) => r,
         Err(e) => {
@@ -219,7 +228,11 @@ fn check(
         }
     }
     let source = PluginSource::from_file(slot, file, sha256, config, limits);
-    match source.and_then(|s| warden::plugins::check(&s)) {
+    let checked = source.and_then(|s| {
+        let runtime = cli_runtime().map_err(warden::plugins::LoadError::Runtime)?;
+        warden::plugins::check(&runtime, &s)
+    });
+    match checked {
         Ok(status) => {
             println!(
                 "PASS: {} plugin `{}` implements {}@{}, accepts its configuration and \

@@ -234,9 +234,8 @@ pub struct Inspection {
     pub exports: Vec<String>,
 }
 
-/// Compile `bytes` and describe the component, without instantiating it.
-pub fn inspect(bytes: &[u8]) -> Result<Inspection, String> {
-    let rt = Runtime::get()?;
+/// Compile `bytes` on `rt` and describe the component, without instantiating it.
+pub fn inspect(rt: &Runtime, bytes: &[u8]) -> Result<Inspection, String> {
     let digest: [u8; 32] = Sha256::digest(bytes).into();
     let component = rt
         .compile(digest, bytes, None)
@@ -304,6 +303,8 @@ pub struct Loaded<W> {
     pub(super) stats: CallStats,
     /// What its stores share: name, slot, log allowance.
     pub(super) tag: StoreTag,
+    /// The runtime its instances live on.
+    pub(super) runtime: Arc<Runtime>,
 }
 
 /// Whether a plugin built against WIT version `version` can be served by this host:
@@ -352,6 +353,7 @@ impl<W: World> Loaded<W> {
     /// slot's deadline). Faults during validation are the plugin's refusal, not request
     /// faults: they reach `sink` only once the plugin is live.
     pub fn load(
+        runtime: &Arc<Runtime>,
         source: &PluginSource,
         sink: Arc<dyn FaultSink>,
         cache: Option<&DiskCache>,
@@ -364,7 +366,7 @@ impl<W: World> Loaded<W> {
                 "the {slot} slot always fails closed; only the metrics policy may fail open"
             )));
         }
-        let rt = Runtime::get().map_err(LoadError::Runtime)?;
+        let rt = &**runtime;
         let digest = source.verify()?;
         let found = hex::encode(digest);
         let component =
@@ -418,6 +420,7 @@ impl<W: World> Loaded<W> {
             sink: Arc::new(Unrecorded),
             loaded_at: SystemTime::now(),
             stats: CallStats::default(),
+            runtime: runtime.clone(),
             tag: StoreTag {
                 slot,
                 plugin: plugin.clone().into(),
@@ -492,9 +495,7 @@ impl<W: World> Loaded<W> {
         limits: Limits,
         request_id: Option<&Arc<str>>,
     ) -> Result<(Store<PluginState>, W::Instance), InstanceError> {
-        let rt = Runtime::get()
-            .map_err(|_| InstanceError::Fault(self.fault(FaultKind::Unavailable, request_id)))?;
-        let mut store = rt.store(&self.tag, limits, request_id);
+        let mut store = self.runtime.store(&self.tag, limits, request_id);
         match self.pre.instantiate(&mut store) {
             Ok(i) => Ok((store, i)),
             Err(e) => {

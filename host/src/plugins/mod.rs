@@ -28,7 +28,9 @@ pub use loader::{Inspection, LoadError, PluginSource, inspect, versions_served};
 #[doc(hidden)]
 pub use profile::{PhaseSamples, ProfileRequest, profile_handoff};
 pub use registry::PluginSet;
-pub use runtime::{Limits, MAX_MEMORY_BYTES, hold_epoch_for_tests, host_panics};
+pub use runtime::{
+    Limits, MAX_MEMORY_BYTES, Runtime, RuntimeBuilder, hold_epoch_for_tests, host_panics,
+};
 pub use session::{Checked, OutputFilter, SanitizerSession};
 pub use smoke::check;
 pub use state::escape_log_message;

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::registry::PluginSet;
+use super::runtime::Runtime;
 use super::session::SessionInner;
 use super::{InferenceInput, InputKind, Payload, Principal, RequestMeta, RequestSummary, Slot};
 use super::{bindings, runtime};
@@ -172,13 +173,16 @@ impl PluginSet {
     }
 }
 
-/// Time `rounds` round trips of an empty job through the plugin threads, from a tokio task.
+/// Time `rounds` round trips of an empty job through `runtime`'s plugin threads, from a
+/// tokio task.
 #[doc(hidden)]
-pub async fn profile_handoff(rounds: usize) -> PhaseSamples {
+pub async fn profile_handoff(runtime: Arc<Runtime>, rounds: usize) -> PhaseSamples {
     let mut samples = Vec::with_capacity(rounds);
     for _ in 0..rounds {
         let started = Instant::now();
-        runtime::call(|| ()).await.expect("plugin threads");
+        runtime::call(&runtime, || ())
+            .await
+            .expect("plugin threads");
         samples.push(started.elapsed());
     }
     PhaseSamples {

@@ -10,7 +10,7 @@ use wasmtime::Store;
 use super::bindings::{self, AuthPluginPre, MetricsPolicyPluginPre, SanitizerPluginPre, World};
 use super::cache::DiskCache;
 use super::loader::{LoadError, Loaded, PluginSource};
-use super::runtime;
+use super::runtime::{self, Runtime};
 use super::session::{SanitizerSession, SessionInner};
 use super::smoke::{smoke_auth, smoke_metrics, smoke_sanitizer};
 use super::state::PluginState;
@@ -81,8 +81,9 @@ pub(super) fn label_value_ok(value: &str) -> bool {
 }
 
 impl PluginSet {
-    /// Load all three slots.
+    /// Load all three slots on `runtime`.
     pub fn load(
+        runtime: &Arc<Runtime>,
         auth: &PluginSource,
         sanitizer: &PluginSource,
         metrics: &PluginSource,
@@ -102,15 +103,27 @@ impl PluginSet {
             }
         }
         Ok(Self {
-            auth: Arc::new(Loaded::load(auth, sink.clone(), cache, smoke_auth)?),
+            auth: Arc::new(Loaded::load(
+                runtime,
+                auth,
+                sink.clone(),
+                cache,
+                smoke_auth,
+            )?),
             sanitizer: Arc::new(Loaded::load(
+                runtime,
                 sanitizer,
                 sink.clone(),
                 cache,
                 smoke_sanitizer,
             )?),
-            metrics: Arc::new(Loaded::load(metrics, sink, cache, smoke_metrics)?),
+            metrics: Arc::new(Loaded::load(runtime, metrics, sink, cache, smoke_metrics)?),
         })
+    }
+
+    /// The runtime this set's plugins live on.
+    pub fn runtime(&self) -> &Arc<Runtime> {
+        &self.auth.runtime
     }
 
     /// The plugin in `slot`.
@@ -328,21 +341,28 @@ pub(super) fn status_of<W>(l: &Loaded<W>, rollback_available: bool) -> PluginSta
 
 impl AnyLoaded {
     pub(super) fn load(
+        runtime: &Arc<Runtime>,
         source: &PluginSource,
         sink: Arc<dyn FaultSink>,
         cache: Option<&DiskCache>,
     ) -> Result<Self, LoadError> {
+        let (rt, sink, cache) = (runtime, sink, cache);
         Ok(match source.slot {
-            Slot::Auth => Self::Auth(Arc::new(Loaded::load(source, sink, cache, smoke_auth)?)),
+            Slot::Auth => Self::Auth(Arc::new(Loaded::load(rt, source, sink, cache, smoke_auth)?)),
             Slot::Sanitizer => Self::Sanitizer(Arc::new(Loaded::load(
+                rt,
                 source,
                 sink,
                 cache,
                 smoke_sanitizer,
             )?)),
-            Slot::MetricsPolicy => {
-                Self::Metrics(Arc::new(Loaded::load(source, sink, cache, smoke_metrics)?))
-            }
+            Slot::MetricsPolicy => Self::Metrics(Arc::new(Loaded::load(
+                rt,
+                source,
+                sink,
+                cache,
+                smoke_metrics,
+            )?)),
         })
     }
 
@@ -408,7 +428,7 @@ where
     loaded.stats.calls.fetch_add(1, Ordering::Relaxed);
     let started = Instant::now();
     let ran = if bytes > INLINE_MAX_BYTES {
-        runtime::call(f).await
+        runtime::call(&loaded.runtime, f).await
     } else {
         runtime::inline(f)
     };

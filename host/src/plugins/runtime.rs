@@ -1,7 +1,9 @@
-//! The wasmtime engine every plugin runs on, and the bounds of every call.
+//! The wasmtime engine plugins run on, and the bounds of every call.
 //!
-//! One [`Engine`] per process with epoch interruption (a ticker thread advances the epoch
-//! every millisecond) and the pooling allocator. Components are compiled once (cached by
+//! A [`Runtime`] is a value, built with [`Runtime::builder`] and passed to whatever loads
+//! plugins (the server's registry, the CLI's `plugin check`): one [`Engine`] with epoch
+//! interruption (a ticker thread advances the epoch every millisecond) and the pooling
+//! allocator, and its plugin threads. Components are compiled once per runtime (cached by
 //! their sha256) and pre-instantiated; each request gets fresh [`Store`]s, so no state can
 //! pass from one request (or principal) to another through a plugin's memory.
 //!
@@ -14,7 +16,7 @@
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::path::Path;
-use std::sync::{Arc, Mutex, OnceLock, mpsc};
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use wasmtime::component::{Component, Linker, ResourceTable};
@@ -77,7 +79,8 @@ impl Limits {
     }
 }
 
-/// The process-wide plugin engine.
+/// A plugin engine: one wasmtime [`Engine`] with its pooling allocator, epoch ticker and
+/// plugin threads, built with [`Runtime::builder`] and shared by every plugin loaded on it.
 pub struct Runtime {
     pub(super) engine: Engine,
     pub(super) linker: Linker<PluginState>,
@@ -131,12 +134,11 @@ pub fn host_panics() -> u64 {
 
 /// Run `f` (which calls into a plugin) on a plugin thread and wait for its result without
 /// blocking the caller's thread.
-pub(super) async fn call<R, F>(f: F) -> Result<R, CallLost>
+pub(super) async fn call<R, F>(runtime: &Runtime, f: F) -> Result<R, CallLost>
 where
     F: FnOnce() -> R + Send + 'static,
     R: Send + 'static,
 {
-    let runtime = Runtime::get().map_err(|_| CallLost::Busy)?;
     let (tx, rx) = tokio::sync::oneshot::channel();
     let job: Job = Box::new(move || {
         let _ = tx.send(f());
@@ -172,23 +174,59 @@ impl std::fmt::Debug for Runtime {
     }
 }
 
-static RUNTIME: OnceLock<Result<Runtime, String>> = OnceLock::new();
+/// How to build a [`Runtime`]: its pool of instance slots and its plugin threads.
+#[derive(Debug, Clone)]
+pub struct RuntimeBuilder {
+    instances: u32,
+    call_threads: usize,
+}
 
-impl Runtime {
-    /// The shared runtime, created (and its epoch ticker started) on first use.
-    pub fn get() -> Result<&'static Runtime, String> {
-        RUNTIME
-            .get_or_init(|| Runtime::new().map_err(|e| format!("plugin runtime: {e}")))
-            .as_ref()
-            .map_err(Clone::clone)
+impl Default for RuntimeBuilder {
+    fn default() -> Self {
+        Self {
+            instances: 1000,
+            call_threads: std::thread::available_parallelism().map_or(2, |n| n.get().max(2)),
+        }
+    }
+}
+
+impl RuntimeBuilder {
+    /// Component instances that may live at once (each request holds up to three); the
+    /// pooling allocator reserves their address space up front. Default 1,000.
+    pub fn instances(mut self, instances: u32) -> Self {
+        self.instances = instances.max(3);
+        self
     }
 
-    fn new() -> wasmtime::Result<Self> {
+    /// Threads for the calls that do not run on the caller's thread (large input checks).
+    /// Default: one per CPU, at least two.
+    pub fn call_threads(mut self, threads: usize) -> Self {
+        self.call_threads = threads.max(1);
+        self
+    }
+
+    /// Build the runtime and start its epoch ticker and plugin threads. They stop when the
+    /// last handle to the runtime is dropped.
+    pub fn build(self) -> Result<Arc<Runtime>, String> {
+        Runtime::new(&self)
+            .map(Arc::new)
+            .map_err(|e| format!("plugin runtime: {e}"))
+    }
+}
+
+impl Runtime {
+    /// A builder with the server's defaults.
+    pub fn builder() -> RuntimeBuilder {
+        RuntimeBuilder::default()
+    }
+
+    fn new(settings: &RuntimeBuilder) -> wasmtime::Result<Self> {
+        let n = settings.instances;
         let mut pool = PoolingAllocationConfig::default();
-        pool.total_component_instances(1000)
-            .total_core_instances(4000)
-            .total_memories(1000)
-            .total_tables(2000)
+        pool.total_component_instances(n)
+            .total_core_instances(4 * n)
+            .total_memories(n)
+            .total_tables(2 * n)
             .max_memories_per_component(4)
             .max_tables_per_component(8)
             .max_core_instances_per_component(16)
@@ -225,8 +263,7 @@ impl Runtime {
                 }
             })
             .map_err(|e| wasmtime::format_err!("cannot start the epoch ticker: {e}"))?;
-        let threads = std::thread::available_parallelism().map_or(2, |n| n.get().max(2));
-        let calls = start_call_threads(threads)
+        let calls = start_call_threads(settings.call_threads)
             .map_err(|e| wasmtime::format_err!("cannot start the plugin threads: {e}"))?;
         Ok(Self {
             engine,

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use super::loader::{LoadError, PluginSource};
 use super::registry::*;
+use super::runtime::Runtime;
 use super::session::*;
 use super::{
     Fault, FaultKind, FaultSink, InferenceInput, InputKind, Payload, PluginStatus, Principal,
@@ -81,11 +82,11 @@ pub(super) fn smoke_metrics(plugin: &MetricsLoaded) -> Result<(), String> {
 
 /// The full validation a swap runs (integrity, component, world and version,
 /// configuration, smoke call), offline: nothing goes live.
-pub fn check(source: &PluginSource) -> Result<PluginStatus, LoadError> {
+pub fn check(runtime: &Arc<Runtime>, source: &PluginSource) -> Result<PluginStatus, LoadError> {
     #[derive(Debug)]
     struct Nowhere;
     impl FaultSink for Nowhere {
         fn fault(&self, _: &Fault) {}
     }
-    AnyLoaded::load(source, Arc::new(Nowhere), None).map(|p| p.status(false))
+    AnyLoaded::load(runtime, source, Arc::new(Nowhere), None).map(|p| p.status(false))
 }

@@ -227,7 +227,13 @@ impl Registry {
                 if old.same_as(source) {
                     Ok(None)
                 } else {
-                    AnyLoaded::load(source, self.sink.clone(), self.cache.as_ref()).map(Some)
+                    AnyLoaded::load(
+                        live.runtime(),
+                        source,
+                        self.sink.clone(),
+                        self.cache.as_ref(),
+                    )
+                    .map(Some)
                 }
             });
             match loaded {

@@ -630,7 +630,12 @@ async fn compiled_plugins_are_cached_on_disk() {
 #[tokio::test]
 async fn plugin_authors_can_inspect_and_check_offline() {
     let bytes = std::fs::read(format!("{PLUGIN_DIR}/sanitize-basic.wasm")).unwrap();
-    let report = warden::plugins::inspect(&bytes).unwrap();
+    // The runtime a tool builds for itself: no server, no process-wide engine.
+    let runtime = warden::plugins::Runtime::builder()
+        .instances(16)
+        .build()
+        .unwrap();
+    let report = warden::plugins::inspect(&runtime, &bytes).unwrap();
     assert_eq!(
         report.world.as_deref(),
         Some("warden:policy/sanitizer-plugin")
@@ -650,32 +655,31 @@ async fn plugin_authors_can_inspect_and_check_offline() {
         report.imports
     );
 
-    let newer = warden::plugins::inspect(&warden_tests::with_wit_version(&bytes, "0.2.0")).unwrap();
+    let newer =
+        warden::plugins::inspect(&runtime, &warden_tests::with_wit_version(&bytes, "0.2.0"))
+            .unwrap();
     assert_eq!(newer.wit_versions, ["0.2.0"]);
     assert!(!newer.served);
 
-    let ok = warden::plugins::check(&warden_tests::source(
-        Slot::Sanitizer,
-        "sanitize-basic",
-        json!({}),
-    ))
+    let ok = warden::plugins::check(
+        &runtime,
+        &warden_tests::source(Slot::Sanitizer, "sanitize-basic", json!({})),
+    )
     .unwrap();
     assert_eq!(ok.world, "warden:policy/sanitizer-plugin");
-    let err = warden::plugins::check(&warden_tests::source(
-        Slot::Auth,
-        "sanitize-basic",
-        json!({}),
-    ))
+    let err = warden::plugins::check(
+        &runtime,
+        &warden_tests::source(Slot::Auth, "sanitize-basic", json!({})),
+    )
     .unwrap_err();
     assert!(
         err.to_string().contains("does not implement world"),
         "{err}"
     );
-    let err = warden::plugins::check(&warden_tests::source(
-        Slot::MetricsPolicy,
-        "misbehave",
-        json!({"mode": "loop"}),
-    ))
+    let err = warden::plugins::check(
+        &runtime,
+        &warden_tests::source(Slot::MetricsPolicy, "misbehave", json!({"mode": "loop"})),
+    )
     .unwrap_err();
     assert_eq!(
         err.to_string(),
