@@ -119,7 +119,7 @@ fn unsafe_in_log(c: char) -> bool {
 }
 
 /// `message` cut to at most `max` bytes (at a character boundary) with every character of
-/// [`unsafe_in_log`] escaped (`\n`, `\r`, `\t`, `\u{1b}`), so that one call is one line and
+/// `unsafe_in_log` escaped (`\n`, `\r`, `\t`, `\u{1b}`), so that one call is one line and
 /// nothing in it can pass for another line or another writer.
 pub fn escape_log_message(message: &str, max: usize) -> String {
     let mut end = message.len().min(max);
