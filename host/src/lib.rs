@@ -6,6 +6,7 @@
 
 #![deny(missing_docs)]
 
+pub mod app;
 pub mod breaker;
 pub mod config;
 pub mod engine;

@@ -32,7 +32,7 @@ pub fn parse_request(route: &str, content_type: Option<&str>, body: &[u8]) -> Re
             .unwrap_or_default(),
         client_addr: None,
     };
-    super::handlers::single_credentials(&meta)?;
+    crate::app::single_credentials(&meta)?;
     match route {
         "/v1/embeddings" => {
             let mut r: EmbeddingsRequest = super::handlers::parse_json(&meta, body)?;

@@ -1,5 +1,6 @@
-//! Route handlers. Authenticated routes go through [`guarded`]: request id, span, auth and
-//! scope, then the route's own work, then metrics through the metrics policy.
+//! Route handlers. Authenticated routes go through [`guarded`]: the span and request id
+//! around [`app::Flow`] (auth and scope, then the route's own work, then metrics through the
+//! metrics policy), and the rendering of its errors.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -17,26 +18,19 @@ use super::types::{
     ModelCard, ModelList, Vector, base64_vector,
 };
 use crate::AppState;
+use crate::app;
 use crate::breaker::Permit;
 use crate::engine::{EmbedInput, EmbeddingsHandle, EngineError};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
-use crate::plugins::{
-    FailurePolicy, InferenceInput, InputKind, Payload, PluginSet, Principal, RequestMeta,
-    RequestSummary,
-};
+use crate::plugins::{InferenceInput, InputKind, Payload, RequestMeta};
 
-/// What a guarded handler gets.
-pub struct Ctx {
-    pub state: Arc<AppState>,
-    pub plugins: Arc<PluginSet>,
-    pub principal: Principal,
-    pub meta: RequestMeta,
-    /// The model the request named, once known (for metrics).
-    pub model: Arc<std::sync::OnceLock<String>>,
-}
+/// What a guarded handler gets: the admitted request ([`app::Admitted`]).
+pub type Ctx = app::Admitted;
 
-/// Run `work` for an authenticated principal with `scope`, recording the outcome.
+/// Run `work` for an authenticated principal with `scope`, recording the outcome: the
+/// request flow is [`app::Flow`]'s; this adds the span, the rendering of errors and the
+/// request id header.
 pub(super) async fn guarded<F, Fut>(
     state: Arc<AppState>,
     meta: RequestMeta,
@@ -49,26 +43,17 @@ where
     Fut: Future<Output = Result<Response, ApiError>>,
 {
     let span = tracing::info_span!("http", request_id = %meta.request_id, route);
-    let started = std::time::Instant::now();
     async move {
         let request_id = meta.request_id.clone();
-        let Some(services) = state.services() else {
-            return with_request_id(ApiError::NotReady.into_response(), &request_id);
+        let flow = match app::Flow::begin(&state, request_id.clone(), route) {
+            Ok(flow) => flow,
+            Err(e) => return with_request_id(e.into_response(), &request_id),
         };
-        // One snapshot of the plugin set for the whole request.
-        let plugins = services.plugins.current();
-        let (result, model, tenant) = match authorize(&plugins, &meta, scope).await {
+        let (result, model, tenant) = match flow.admit(meta, scope).await {
             Err(e) => (Err(e), None, None),
-            Ok(principal) => {
-                let tenant = principal.tenant.clone();
-                let model = Arc::new(std::sync::OnceLock::new());
-                let ctx = Ctx {
-                    state: state.clone(),
-                    plugins: plugins.clone(),
-                    principal,
-                    meta,
-                    model: model.clone(),
-                };
+            Ok(ctx) => {
+                let tenant = ctx.principal.tenant.clone();
+                let model = ctx.model.clone();
                 let result = work(ctx).await;
                 (result, model.get().cloned(), tenant)
             }
@@ -82,33 +67,7 @@ where
             }
             e.into_response()
         });
-        let summary = RequestSummary {
-            route,
-            model,
-            status: response.status().as_u16(),
-            tenant,
-        };
-        let labels = plugins
-            .labels(&summary, &request_id)
-            .instrument(tracing::debug_span!(
-                "plugin.metrics_policy",
-                call = "labels"
-            ))
-            .await;
-        match labels {
-            Ok(labels) => state.metrics.record_request(labels),
-            Err(_) if plugins.metrics_failure() == FailurePolicy::Open => {
-                let class = format!("{}xx", summary.status / 100);
-                state.metrics.record_request(vec![
-                    ("route".into(), route.into()),
-                    ("status_class".into(), class),
-                ]);
-            }
-            Err(_) => state.metrics.record_unlabelled_request(),
-        }
-        state
-            .metrics
-            .observe_request(route, summary.status, started.elapsed());
+        flow.finish(response.status().as_u16(), model, tenant).await;
         with_request_id(response, &request_id)
     }
     .instrument(span)
@@ -120,49 +79,6 @@ fn with_request_id(mut response: Response, id: &str) -> Response {
         response.headers_mut().insert(REQUEST_ID, v);
     }
     response
-}
-
-/// Headers that carry credentials: a request may send each at most once. Two of them
-/// would leave the choice of credential to whoever reads first, so such a request is
-/// refused before any plugin sees it.
-const CREDENTIAL_HEADERS: [&str; 3] = ["authorization", "x-api-key", "api-key"];
-
-/// A 400 if `meta` carries a credential header more than once.
-pub(super) fn single_credentials(meta: &RequestMeta) -> Result<(), ApiError> {
-    for name in CREDENTIAL_HEADERS {
-        if meta.headers.iter().filter(|(k, _)| k == name).count() > 1 {
-            return Err(ApiError::Invalid {
-                code: "ambiguous_credentials",
-                param: None,
-                message: format!(
-                    "the request carries more than one `{name}` header; send one credential"
-                ),
-            });
-        }
-    }
-    Ok(())
-}
-
-/// Authenticate with the auth plugin, then check the route's scope (the host's rule).
-async fn authorize(
-    plugins: &Arc<PluginSet>,
-    meta: &RequestMeta,
-    scope: &'static str,
-) -> Result<Principal, ApiError> {
-    single_credentials(meta)?;
-    let verdict = plugins
-        .authenticate(meta)
-        .instrument(tracing::debug_span!("plugin.auth"))
-        .await?;
-    match verdict {
-        Ok(p) if p.has_scope(scope) => Ok(p),
-        Ok(_) => Err(ApiError::Forbidden { scope }),
-        Err(r) if r.status == 401 => Err(ApiError::Unauthorized {
-            message: r.message,
-            code: r.code,
-        }),
-        Err(r) => Err(ApiError::Refused(r)),
-    }
 }
 
 /// How much body a request may send, and how fast.
