@@ -5,12 +5,15 @@
 //! the latency). HTTP handlers wrap it with their span, error rendering and headers; a
 //! WebSocket session would wrap it the same way.
 
+mod state;
+
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use tracing::Instrument;
 
-use crate::AppState;
+pub use state::{AppState, Phase, ReloadReport, Reloader, Services, aborted};
+
 use crate::error::ApiError;
 use crate::plugins::{FailurePolicy, PluginSet, Principal, RequestMeta, RequestSummary};
 
