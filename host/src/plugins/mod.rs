@@ -24,7 +24,7 @@ use std::sync::Arc;
 pub use audit::{AUDIT_EVENTS_KEPT, AuditEvent, AuditLog, Outcome, Trigger};
 pub use cache::DiskCache;
 pub(crate) use loader::file_name;
-pub use loader::{Inspection, LoadError, PluginSource, inspect, versions_served};
+pub use loader::{LoadError, PluginSource, versions_served};
 #[doc(hidden)]
 pub use profile::{PhaseSamples, ProfileRequest, profile_handoff};
 pub use registry::PluginSet;
@@ -32,7 +32,7 @@ pub use runtime::{
     Limits, MAX_MEMORY_BYTES, Runtime, RuntimeBuilder, hold_epoch_for_tests, host_panics,
 };
 pub use session::{Checked, OutputFilter, SanitizerSession};
-pub use smoke::check;
+pub use smoke::{Inspection, check, inspect};
 pub use state::escape_log_message;
 pub use swap::Registry;
 

@@ -1,15 +1,18 @@
 //! Smoke checks: one call of each of a plugin's functions on the host's synthetic request
-//! before it may go live, and the `plugin check` behind the CLI.
+//! before it may go live; and the offline tools behind the CLI, `plugin check` and
+//! `plugin inspect`.
 
 use std::sync::Arc;
 
-use super::loader::{LoadError, PluginSource};
+use sha2::{Digest, Sha256};
+
+use super::loader::{LoadError, PluginSource, version_served};
 use super::registry::*;
 use super::runtime::Runtime;
 use super::session::*;
 use super::{
     Fault, FaultKind, FaultSink, InferenceInput, InputKind, Payload, PluginStatus, Principal,
-    RequestMeta, RequestSummary, SMOKE_ID,
+    RequestMeta, RequestSummary, SMOKE_ID, Slot,
 };
 
 /// Smoke calls: the host's synthetic request, marked [`SMOKE_ID`]. A fault fails the smoke
@@ -89,4 +92,58 @@ pub fn check(runtime: &Arc<Runtime>, source: &PluginSource) -> Result<PluginStat
         fn fault(&self, _: &Fault) {}
     }
     AnyLoaded::load(runtime, source, Arc::new(Nowhere), None).map(|p| p.status(false))
+}
+
+/// What `warden plugin inspect` shows of a component.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Inspection {
+    /// Size in bytes.
+    pub size: usize,
+    /// sha256 (hex).
+    pub sha256: String,
+    /// The Warden world its exports match, if any (e.g. `warden:policy/auth-plugin`).
+    pub world: Option<String>,
+    /// The `warden:policy` versions it names.
+    pub wit_versions: Vec<String>,
+    /// Whether this host serves those versions.
+    pub served: bool,
+    /// Imported interfaces.
+    pub imports: Vec<String>,
+    /// Exported interfaces.
+    pub exports: Vec<String>,
+}
+
+/// Compile `bytes` on `rt` and describe the component, without instantiating it.
+pub fn inspect(rt: &Runtime, bytes: &[u8]) -> Result<Inspection, String> {
+    let digest: [u8; 32] = Sha256::digest(bytes).into();
+    let component = rt
+        .compile(digest, bytes, None)
+        .map_err(|e| format!("not a valid WebAssembly component: {e}"))?;
+    let ty = component.component_type();
+    let imports: Vec<String> = ty.imports(&rt.engine).map(|(n, _)| n.to_string()).collect();
+    let exports: Vec<String> = ty.exports(&rt.engine).map(|(n, _)| n.to_string()).collect();
+    let mut wit_versions: Vec<String> = imports
+        .iter()
+        .chain(&exports)
+        .filter(|n| n.starts_with("warden:policy/"))
+        .filter_map(|n| n.split_once('@').map(|(_, v)| v.to_string()))
+        .collect();
+    wit_versions.sort();
+    wit_versions.dedup();
+    let world = Slot::ALL.into_iter().find_map(|slot| {
+        let interface = format!("warden:policy/{}@", slot.interface());
+        exports
+            .iter()
+            .any(|e| e.starts_with(&interface))
+            .then(|| format!("warden:policy/{}", slot.world()))
+    });
+    Ok(Inspection {
+        size: bytes.len(),
+        sha256: hex::encode(digest),
+        world,
+        served: !wit_versions.is_empty() && wit_versions.iter().all(|v| version_served(v)),
+        wit_versions,
+        imports,
+        exports,
+    })
 }
