@@ -5,6 +5,9 @@
 //! the latency). HTTP handlers wrap it with their span, error rendering and headers; a
 //! WebSocket session would wrap it the same way.
 
+mod embeddings;
+mod engines;
+mod generation;
 mod state;
 
 use std::sync::{Arc, OnceLock};
@@ -12,6 +15,8 @@ use std::time::Instant;
 
 use tracing::Instrument;
 
+pub use embeddings::Embedded;
+pub use generation::{Completed, Generation, GenerationInput, GenerationRequest, Step};
 pub use state::{AppState, Phase, ReloadReport, Reloader, Services, aborted};
 
 use crate::error::ApiError;

@@ -14,6 +14,8 @@ pub mod kernels;
 pub mod llama;
 pub mod q4_1;
 mod template;
+mod text;
+mod text_state;
 mod worker;
 
 use std::path::Path;
@@ -22,66 +24,13 @@ use std::sync::Arc;
 pub use bert::{DEFAULT_PRECISION, MiniLm};
 pub use generate::{
     FinishReason, GenerateConfig, GenerateEvent, GenerateHandle, GenerateRequest, GenerateStats,
-    PREFILL_CHUNK, Piece, SamplingParams, TextState,
+    PREFILL_CHUNK, SamplingParams,
 };
 pub use gguf_tokenizer::{Encoded, GgufTokenizer, TokenizerError};
 pub use template::{ChatTemplate, TemplateMessage};
+pub use text::{PromptError, PromptInput, TextModel};
+pub use text_state::{Piece, TextState};
 pub use worker::{EmbeddingsHandle, WorkerConfig};
-
-/// A generative model: its engine thread, its tokenizer and its chat template.
-#[derive(Debug)]
-pub struct TextModel {
-    /// The id clients use.
-    pub id: String,
-    /// The engine thread.
-    pub handle: GenerateHandle,
-    /// The GGUF's chat template, if it has one.
-    pub template: Option<ChatTemplate>,
-}
-
-impl TextModel {
-    /// Load a llama-family GGUF from `path` and start its engine thread.
-    pub fn load(id: &str, path: &Path, config: GenerateConfig) -> Result<Self, ModelLoadError> {
-        let file = crate::plugins::file_name(path);
-        let invalid = |reason: String| ModelLoadError::Invalid {
-            model: id.into(),
-            file: file.clone(),
-            reason,
-        };
-        let mut reader = std::fs::File::open(path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => ModelLoadError::NotFound {
-                model: id.into(),
-                file: file.clone(),
-            },
-            kind => invalid(kind.to_string()),
-        })?;
-        let mut reader = std::io::BufReader::new(&mut reader);
-        let content = candle_core::quantized::gguf_file::Content::read(&mut reader)
-            .map_err(|e| invalid(format!("not a GGUF file: {e}")))?;
-        let tokenizer = GgufTokenizer::from_gguf(&content)
-            .map_err(|e| invalid(format!("tokenizer metadata: {e}")))?;
-        let weights = decoder::TextWeights::from_gguf(&content, &mut reader)
-            .map_err(|e| invalid(e.to_string()))?;
-        let template = match content
-            .metadata
-            .get("tokenizer.chat_template")
-            .and_then(|v| v.to_string().ok())
-        {
-            Some(source) => Some(
-                ChatTemplate::new(source, &tokenizer.bos_text, &tokenizer.eos_text)
-                    .map_err(invalid)?,
-            ),
-            None => None,
-        };
-        let handle = GenerateHandle::spawn(id, Arc::new(weights), Arc::new(tokenizer), config)
-            .map_err(|e| invalid(format!("cannot start the engine thread: {e}")))?;
-        Ok(Self {
-            id: id.into(),
-            handle,
-            template,
-        })
-    }
-}
 
 /// One embedding and the number of tokens it was computed from.
 #[derive(Debug, Clone, PartialEq)]

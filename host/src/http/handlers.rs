@@ -19,11 +19,8 @@ use super::types::{
 };
 use crate::AppState;
 use crate::app;
-use crate::breaker::Permit;
-use crate::engine::{EmbedInput, EmbeddingsHandle, EngineError};
 use crate::error::ApiError;
-use crate::metrics::Metrics;
-use crate::plugins::{InferenceInput, InputKind, Payload, RequestMeta};
+use crate::plugins::RequestMeta;
 
 /// What a guarded handler gets: the admitted request ([`app::Admitted`]).
 pub type Ctx = app::Admitted;
@@ -298,50 +295,6 @@ pub(super) fn parse_json<T: serde::de::DeserializeOwned>(
     })
 }
 
-/// The API error for an engine failure. A real failure (not a full queue) is logged here,
-/// once, with the request id, and counted; the client gets a generic 500.
-pub(super) fn engine_error(
-    e: EngineError,
-    request_id: &str,
-    model: &str,
-    metrics: &Metrics,
-) -> ApiError {
-    match e {
-        EngineError::QueueFull => ApiError::Busy,
-        EngineError::QueueTimeout => {
-            tracing::warn!(request_id, model, "request timed out in the engine queue");
-            metrics.record_queue_timeout(model);
-            ApiError::QueueTimeout
-        }
-        e => {
-            tracing::error!(request_id, model, error = %e, "engine error");
-            metrics.record_engine_error(model);
-            ApiError::Engine
-        }
-    }
-}
-
-/// Leave from `model`'s circuit breaker to call its engine, or 503 at once.
-pub(super) fn engine_permit(state: &AppState, model: &str) -> Result<Option<Permit>, ApiError> {
-    let Some(breaker) = state.services().and_then(|s| s.breaker(model)) else {
-        return Ok(None);
-    };
-    breaker
-        .admit()
-        .map(Some)
-        .map_err(|retry_after| ApiError::EngineUnavailable { retry_after })
-}
-
-/// Tell the breaker how the engine did: only the model's own failures count against it.
-pub(super) fn settle(permit: Option<Permit>, result: Result<(), &EngineError>) {
-    let Some(permit) = permit else { return };
-    match result {
-        Ok(_) => permit.succeeded(),
-        Err(EngineError::Model(_) | EngineError::Stopped) => permit.failed(),
-        Err(EngineError::QueueFull | EngineError::QueueTimeout) => drop(permit),
-    }
-}
-
 /// `POST /v1/embeddings`.
 pub async fn embeddings<S, B>(state: Arc<AppState>, meta: RequestMeta, body: S) -> Response
 where
@@ -360,49 +313,8 @@ where
             drop(body);
             let encoding = request.encoding()?;
             let inputs = request.take_inputs()?;
-            let services = ctx.state.services().ok_or(ApiError::NotReady)?;
-            let model = services
-                .embedding_model(&request.model)
-                .ok_or_else(|| ApiError::ModelNotFound(request.model.clone()))?;
-            let _ = ctx.model.set(model.id().to_string());
-            let (texts, tokens) = texts_for_the_sanitizer(model, inputs)?;
-
-            let texts = async {
-                let session = ctx.plugins.sanitizer_session(&ctx.meta.request_id).await?;
-                let input = InferenceInput {
-                    kind: InputKind::Embeddings,
-                    model: model.id().to_string(),
-                    principal: ctx.principal.clone(),
-                    payload: Payload::Texts(texts),
-                    max_tokens: None,
-                };
-                match session.check_input(input).await? {
-                    Err(refusal) => Err(ApiError::Refused(refusal)),
-                    Ok(checked) => Ok(checked.into_payload().into_texts()),
-                }
-            }
-            .instrument(tracing::debug_span!("plugin.sanitizer"))
-            .await?;
-            // Token ids whose text the sanitizer let through unchanged run as sent; a
-            // rewritten one runs as its new text.
-            let inputs: Vec<EmbedInput> = texts
-                .into_iter()
-                .zip(tokens)
-                .map(|(text, sent)| match sent {
-                    Some((ids, decoded)) if decoded == text => EmbedInput::Tokens(ids),
-                    _ => EmbedInput::Text(text),
-                })
-                .collect();
-
-            let permit = engine_permit(&ctx.state, model.id())?;
-            let embeddings = model
-                .embed(inputs)
-                .instrument(tracing::debug_span!("engine.embed"))
-                .await;
-            settle(permit, embeddings.as_ref().map(|_| ()));
-            let embeddings = embeddings.map_err(|e| {
-                engine_error(e, &ctx.meta.request_id, model.id(), &ctx.state.metrics)
-            })?;
+            let embedded = ctx.embed(&request.model, inputs).await?;
+            let embeddings = embedded.embeddings;
             let prompt_tokens = embeddings.iter().map(|e| e.tokens).sum();
             let data = embeddings
                 .into_iter()
@@ -419,7 +331,7 @@ where
             let response = EmbeddingsResponse {
                 object: "list",
                 data,
-                model: model.id().to_string(),
+                model: embedded.model,
                 usage: EmbeddingsUsage {
                     prompt_tokens,
                     total_tokens: prompt_tokens,
@@ -429,48 +341,6 @@ where
         },
     )
     .await
-}
-
-/// Token ids sent as input, with the text they decode to.
-type SentTokens = Option<(Vec<u32>, String)>;
-
-/// The text of every input, as the sanitizer sees it (token ids decoded, checked against
-/// the model's vocabulary first), and the token ids of those sent as ids.
-fn texts_for_the_sanitizer(
-    model: &EmbeddingsHandle,
-    inputs: Vec<EmbedInput>,
-) -> Result<(Vec<String>, Vec<SentTokens>), ApiError> {
-    let mut texts = Vec::with_capacity(inputs.len());
-    let mut tokens = Vec::with_capacity(inputs.len());
-    for (i, input) in inputs.into_iter().enumerate() {
-        match input {
-            EmbedInput::Text(t) => {
-                texts.push(t);
-                tokens.push(None);
-            }
-            EmbedInput::Tokens(ids) => {
-                let vocabulary = model.vocabulary().ok_or_else(|| {
-                    ApiError::bad("input", "this model takes text only, not token ids")
-                })?;
-                if let Some(id) = ids.iter().find(|&&id| id as usize >= vocabulary.size()) {
-                    return Err(ApiError::bad(
-                        "input",
-                        format!(
-                            "token id {id} in input[{i}] is not in the model's vocabulary \
-                             (ids 0 to {})",
-                            vocabulary.size() - 1
-                        ),
-                    ));
-                }
-                let text = vocabulary
-                    .decode(&ids)
-                    .map_err(|_| ApiError::bad("input", format!("input[{i}] cannot be decoded")))?;
-                texts.push(text.clone());
-                tokens.push(Some((ids, text)));
-            }
-        }
-    }
-    Ok((texts, tokens))
 }
 
 /// `GET /v1/models`: ids only.
