@@ -10,7 +10,9 @@ use crate::engine::kernels::dense::PrecisionSetting;
 use crate::plugins::{FailurePolicy, Limits, LoadError, MAX_MEMORY_BYTES, PluginSource, Slot};
 
 mod args;
+mod slot_flags;
 pub use args::ServeArgs;
+pub use slot_flags::{SlotArgs, SlotFlags, all_flags as slot_flags, env_name};
 
 /// A secret string: usable, never printed.
 #[derive(Clone, Deserialize, PartialEq, Eq)]
@@ -76,10 +78,7 @@ impl Default for SlotConfig {
 
 /// The default of `deadline_ms_per_mib` per slot: only the sanitizer is given client text.
 pub fn default_deadline_ms_per_mib(slot: Slot) -> u64 {
-    match slot {
-        Slot::Sanitizer => 60,
-        Slot::Auth | Slot::MetricsPolicy => 0,
-    }
+    slot.kind().default_deadline_ms_per_mib()
 }
 
 impl SlotConfig {
@@ -117,6 +116,15 @@ impl PluginsConfig {
             Slot::Auth => &self.auth,
             Slot::Sanitizer => &self.sanitizer,
             Slot::MetricsPolicy => &self.metrics_policy,
+        }
+    }
+
+    /// The configuration of `slot`, to change.
+    pub fn slot_mut(&mut self, slot: Slot) -> &mut SlotConfig {
+        match slot {
+            Slot::Auth => &mut self.auth,
+            Slot::Sanitizer => &mut self.sanitizer,
+            Slot::MetricsPolicy => &mut self.metrics_policy,
         }
     }
 }
@@ -266,11 +274,7 @@ pub enum ConfigError {
 
 /// Default component file name per slot.
 pub fn default_plugin_file(slot: Slot) -> &'static str {
-    match slot {
-        Slot::Auth => "auth-api-key.wasm",
-        Slot::Sanitizer => "sanitize-basic.wasm",
-        Slot::MetricsPolicy => "metrics-policy-basic.wasm",
-    }
+    slot.kind().default_file
 }
 
 impl Config {
@@ -288,7 +292,7 @@ impl Config {
             file: file.clone(),
             reason: e.message().to_string(),
         })?;
-        for slot in [Slot::Auth, Slot::Sanitizer, Slot::MetricsPolicy] {
+        for slot in Slot::ALL {
             let s = config.plugins.slot(slot);
             if s.file.is_some() && s.sha256.is_none() {
                 return Err(ConfigError::Parse {
@@ -304,7 +308,7 @@ impl Config {
 
     /// Check ranges.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        for slot in [Slot::Auth, Slot::Sanitizer, Slot::MetricsPolicy] {
+        for slot in Slot::ALL {
             let s = self.plugins.slot(slot);
             if s.deadline_ms == 0 || s.deadline_ms > 10_000 {
                 return Err(ConfigError::Invalid(format!(
@@ -322,7 +326,7 @@ impl Config {
                     MAX_MEMORY_BYTES >> 20
                 )));
             }
-            if s.failure == Some(FailurePolicy::Open) && slot != Slot::MetricsPolicy {
+            if s.failure == Some(FailurePolicy::Open) && !slot.kind().may_fail_open {
                 return Err(ConfigError::Invalid(format!(
                     "plugins.{slot}.failure must be \"closed\": only the metrics policy may fail open"
                 )));

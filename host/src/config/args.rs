@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use super::slot_flags::SlotFlags;
 use super::*;
 
 /// `warden serve` flags; each also reads a `WARDEN_*` variable. Precedence: flag >
@@ -89,130 +90,10 @@ pub struct ServeArgs {
     /// [default: .warden/audit.jsonl].
     #[arg(long, env = "WARDEN_AUDIT_LOG")]
     pub audit_log: Option<PathBuf>,
-    /// auth plugin: component file, relative to the plugin directory.
-    #[arg(long = "auth-plugin", env = "WARDEN_AUTH_PLUGIN", value_name = "FILE")]
-    pub auth_plugin: Option<PathBuf>,
-    /// auth plugin: required sha256 of the component (hex).
-    #[arg(
-        long = "auth-plugin-sha256",
-        env = "WARDEN_AUTH_PLUGIN_SHA256",
-        value_name = "HEX"
-    )]
-    pub auth_plugin_sha256: Option<String>,
-    /// auth plugin: its configuration, a JSON object (replaces the file's table).
-    #[arg(
-        long = "auth-plugin-config",
-        env = "WARDEN_AUTH_PLUGIN_CONFIG",
-        value_name = "JSON",
-        hide_env_values = true
-    )]
-    pub auth_plugin_config: Option<String>,
-    /// auth plugin: per-call deadline in milliseconds [default: 10].
-    #[arg(
-        long = "auth-deadline-ms",
-        env = "WARDEN_AUTH_DEADLINE_MS",
-        value_name = "MS"
-    )]
-    pub auth_deadline_ms: Option<u64>,
-    /// auth plugin: memory cap in MiB [default: 16].
-    #[arg(
-        long = "auth-memory-mib",
-        env = "WARDEN_AUTH_MEMORY_MIB",
-        value_name = "MIB"
-    )]
-    pub auth_memory_mib: Option<u64>,
-    /// sanitizer plugin: component file, relative to the plugin directory.
-    #[arg(
-        long = "sanitizer-plugin",
-        env = "WARDEN_SANITIZER_PLUGIN",
-        value_name = "FILE"
-    )]
-    pub sanitizer_plugin: Option<PathBuf>,
-    /// sanitizer plugin: required sha256 of the component (hex).
-    #[arg(
-        long = "sanitizer-plugin-sha256",
-        env = "WARDEN_SANITIZER_PLUGIN_SHA256",
-        value_name = "HEX"
-    )]
-    pub sanitizer_plugin_sha256: Option<String>,
-    /// sanitizer plugin: its configuration, a JSON object (replaces the file's table).
-    #[arg(
-        long = "sanitizer-plugin-config",
-        env = "WARDEN_SANITIZER_PLUGIN_CONFIG",
-        value_name = "JSON",
-        hide_env_values = true
-    )]
-    pub sanitizer_plugin_config: Option<String>,
-    /// sanitizer plugin: per-call deadline in milliseconds [default: 10].
-    #[arg(
-        long = "sanitizer-deadline-ms",
-        env = "WARDEN_SANITIZER_DEADLINE_MS",
-        value_name = "MS"
-    )]
-    pub sanitizer_deadline_ms: Option<u64>,
-    /// sanitizer plugin: milliseconds added to its input check's deadline per MiB of input
-    /// [default: 60].
-    #[arg(
-        long = "sanitizer-deadline-ms-per-mib",
-        env = "WARDEN_SANITIZER_DEADLINE_MS_PER_MIB",
-        value_name = "MS"
-    )]
-    pub sanitizer_deadline_ms_per_mib: Option<u64>,
-    /// sanitizer plugin: memory cap in MiB [default: 16].
-    #[arg(
-        long = "sanitizer-memory-mib",
-        env = "WARDEN_SANITIZER_MEMORY_MIB",
-        value_name = "MIB"
-    )]
-    pub sanitizer_memory_mib: Option<u64>,
-    /// metrics-policy plugin: component file, relative to the plugin directory.
-    #[arg(
-        long = "metrics-policy-plugin",
-        env = "WARDEN_METRICS_POLICY_PLUGIN",
-        value_name = "FILE"
-    )]
-    pub metrics_policy_plugin: Option<PathBuf>,
-    /// metrics-policy plugin: required sha256 of the component (hex).
-    #[arg(
-        long = "metrics-policy-plugin-sha256",
-        env = "WARDEN_METRICS_POLICY_PLUGIN_SHA256",
-        value_name = "HEX"
-    )]
-    pub metrics_policy_plugin_sha256: Option<String>,
-    /// metrics-policy plugin: its configuration, a JSON object (replaces the file's table).
-    #[arg(
-        long = "metrics-policy-plugin-config",
-        env = "WARDEN_METRICS_POLICY_PLUGIN_CONFIG",
-        value_name = "JSON",
-        hide_env_values = true
-    )]
-    pub metrics_policy_plugin_config: Option<String>,
-    /// metrics-policy plugin: per-call deadline in milliseconds [default: 10].
-    #[arg(
-        long = "metrics-policy-deadline-ms",
-        env = "WARDEN_METRICS_POLICY_DEADLINE_MS",
-        value_name = "MS"
-    )]
-    pub metrics_policy_deadline_ms: Option<u64>,
-    /// metrics-policy plugin: memory cap in MiB [default: 16].
-    #[arg(
-        long = "metrics-policy-memory-mib",
-        env = "WARDEN_METRICS_POLICY_MEMORY_MIB",
-        value_name = "MIB"
-    )]
-    pub metrics_policy_memory_mib: Option<u64>,
-    /// metrics-policy plugin: `open` (record under route and status class) or `closed`
-    /// (leave the request unlabelled) when it faults [default: open].
-    #[arg(long = "metrics-policy-failure", env = "WARDEN_METRICS_POLICY_FAILURE", value_parser = parse_failure)]
-    pub metrics_policy_failure: Option<FailurePolicy>,
-}
-
-fn parse_failure(s: &str) -> Result<FailurePolicy, String> {
-    match s {
-        "open" => Ok(FailurePolicy::Open),
-        "closed" => Ok(FailurePolicy::Closed),
-        _ => Err("expected `open` or `closed`".into()),
-    }
+    /// Per-slot flags (`--auth-plugin`, `--sanitizer-deadline-ms`, …), made from the
+    /// slot kinds.
+    #[command(flatten)]
+    pub slots: SlotFlags,
 }
 
 /// A precision named on the command line or in the environment.
@@ -225,43 +106,6 @@ fn set_some<T>(field: &mut T, value: Option<T>) {
     if let Some(v) = value {
         *field = v;
     }
-}
-
-/// One slot's flags.
-struct SlotArgs {
-    file: Option<PathBuf>,
-    sha256: Option<String>,
-    config: Option<String>,
-    deadline_ms: Option<u64>,
-    memory_mib: Option<u64>,
-}
-
-fn overlay_slot(slot: &mut SlotConfig, name: &str, args: SlotArgs) -> Result<(), ConfigError> {
-    if let Some(file) = args.file {
-        slot.file = Some(file);
-        // A digest pinned for the file's component does not hold for another file.
-        slot.sha256 = None;
-    }
-    if let Some(v) = args.sha256 {
-        slot.sha256 = Some(v);
-    }
-    if let Some(json) = args.config {
-        match serde_json::from_str::<serde_json::Value>(&json) {
-            Ok(serde_json::Value::Object(map)) => slot.config = map,
-            _ => {
-                return Err(ConfigError::Invalid(format!(
-                    "the {name} plugin configuration must be a JSON object"
-                )));
-            }
-        }
-    }
-    if let Some(v) = args.deadline_ms {
-        slot.deadline_ms = v;
-    }
-    if let Some(v) = args.memory_mib {
-        slot.memory_mib = v;
-    }
-    Ok(())
 }
 
 impl ServeArgs {
@@ -315,44 +159,10 @@ impl ServeArgs {
         if let Some(v) = secret(this.admin_token) {
             config.admin_token = Some(v);
         }
-        overlay_slot(
-            &mut config.plugins.auth,
-            "auth",
-            SlotArgs {
-                file: this.auth_plugin,
-                sha256: this.auth_plugin_sha256,
-                config: this.auth_plugin_config,
-                deadline_ms: this.auth_deadline_ms,
-                memory_mib: this.auth_memory_mib,
-            },
-        )?;
-        overlay_slot(
-            &mut config.plugins.sanitizer,
-            "sanitizer",
-            SlotArgs {
-                file: this.sanitizer_plugin,
-                sha256: this.sanitizer_plugin_sha256,
-                config: this.sanitizer_plugin_config,
-                deadline_ms: this.sanitizer_deadline_ms,
-                memory_mib: this.sanitizer_memory_mib,
-            },
-        )?;
-        overlay_slot(
-            &mut config.plugins.metrics_policy,
-            "metrics-policy",
-            SlotArgs {
-                file: this.metrics_policy_plugin,
-                sha256: this.metrics_policy_plugin_sha256,
-                config: this.metrics_policy_plugin_config,
-                deadline_ms: this.metrics_policy_deadline_ms,
-                memory_mib: this.metrics_policy_memory_mib,
-            },
-        )?;
-        if let Some(v) = this.metrics_policy_failure {
-            config.plugins.metrics_policy.failure = Some(v);
-        }
-        if let Some(v) = this.sanitizer_deadline_ms_per_mib {
-            config.plugins.sanitizer.deadline_ms_per_mib = Some(v);
+        for slot in Slot::ALL {
+            this.slots
+                .slot(slot)
+                .overlay(slot, config.plugins.slot_mut(slot))?;
         }
         config.validate()?;
         Ok(config)

@@ -307,7 +307,7 @@ impl<W: World> Loaded<W> {
     ) -> Result<Self, LoadError> {
         let slot = source.slot;
         let plugin = source.name.clone();
-        if source.failure == FailurePolicy::Open && slot != Slot::MetricsPolicy {
+        if source.failure == FailurePolicy::Open && !slot.kind().may_fail_open {
             return Err(LoadError::Runtime(format!(
                 "the {slot} slot always fails closed; only the metrics policy may fail open"
             )));

@@ -12,6 +12,7 @@ mod profile;
 mod registry;
 mod runtime;
 mod session;
+mod slot;
 mod smoke;
 mod state;
 mod swap;
@@ -32,82 +33,10 @@ pub use runtime::{
     Limits, MAX_MEMORY_BYTES, Runtime, RuntimeBuilder, hold_epoch_for_tests, host_panics,
 };
 pub use session::{Checked, OutputFilter, SanitizerSession};
+pub use slot::{SLOT_KINDS, Slot, SlotKind};
 pub use smoke::{Inspection, check, inspect};
 pub use state::escape_log_message;
 pub use swap::Registry;
-
-/// The three plugin slots.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Slot {
-    /// Authentication.
-    Auth,
-    /// Input and output sanitization.
-    Sanitizer,
-    /// Metrics labels and visibility.
-    MetricsPolicy,
-}
-
-impl Slot {
-    /// Every slot, in the order operators see them.
-    pub const ALL: [Slot; 3] = [Slot::Auth, Slot::Sanitizer, Slot::MetricsPolicy];
-
-    fn index(self) -> usize {
-        match self {
-            Slot::Auth => 0,
-            Slot::Sanitizer => 1,
-            Slot::MetricsPolicy => 2,
-        }
-    }
-
-    /// The slot named `name` (`auth`, `sanitizer`, `metrics-policy`).
-    pub fn from_name(name: &str) -> Option<Slot> {
-        Slot::ALL.into_iter().find(|s| s.as_str() == name)
-    }
-
-    /// The slot's name in configuration, logs and metrics.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Slot::Auth => "auth",
-            Slot::Sanitizer => "sanitizer",
-            Slot::MetricsPolicy => "metrics-policy",
-        }
-    }
-
-    /// The interface that a plugin in this slot exports.
-    pub fn interface(self) -> &'static str {
-        match self {
-            Slot::Auth => "auth",
-            Slot::Sanitizer => "sanitizer",
-            Slot::MetricsPolicy => "metrics-policy",
-        }
-    }
-
-    /// The WIT world a plugin in this slot must target.
-    pub fn world(self) -> &'static str {
-        match self {
-            Slot::Auth => "auth-plugin",
-            Slot::Sanitizer => "sanitizer-plugin",
-            Slot::MetricsPolicy => "metrics-policy-plugin",
-        }
-    }
-
-    /// The most bytes one call of a plugin in this slot may hand the host (wasmtime's
-    /// hostcall fuel: strings and list elements lifted from guest memory). Principals,
-    /// refusals and labels are small; a sanitizer's rewrite or released text may be as
-    /// large as the plugin's own memory.
-    pub fn result_bytes(self, limits: Limits) -> usize {
-        match self {
-            Slot::Auth | Slot::MetricsPolicy => 1 << 20,
-            Slot::Sanitizer => limits.memory_bytes.max(1 << 20),
-        }
-    }
-}
-
-impl serde::Serialize for Slot {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(self.as_str())
-    }
-}
 
 /// What the host does when a plugin call faults. Only the metrics policy has a choice:
 /// authentication and sanitization always fail closed.
@@ -126,10 +55,7 @@ impl FailurePolicy {
     /// The default: closed, except for the metrics policy, which records the request
     /// under its route and status class.
     pub fn default_for(slot: Slot) -> Self {
-        match slot {
-            Slot::MetricsPolicy => FailurePolicy::Open,
-            _ => FailurePolicy::Closed,
-        }
+        slot.kind().default_failure
     }
 }
 
@@ -167,12 +93,6 @@ pub struct PluginStatus {
 /// The request id (and, for the sanitizer and metrics policy, the model, route and
 /// principal id) of the host's smoke calls, made once before a plugin goes live.
 pub const SMOKE_ID: &str = "warden-smoke";
-
-impl fmt::Display for Slot {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
 
 /// The WIT package version this host serves.
 pub const WIT_VERSION: &str = "0.1.0";

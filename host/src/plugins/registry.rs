@@ -12,7 +12,6 @@ use super::cache::DiskCache;
 use super::loader::{LoadError, Loaded, PluginSource};
 use super::runtime::{self, Runtime};
 use super::session::{SanitizerSession, SessionInner};
-use super::smoke::{smoke_auth, smoke_metrics, smoke_sanitizer};
 use super::state::PluginState;
 use super::{
     ALLOWED_LABELS, FailurePolicy, Fault, FaultKind, FaultSink, Limits, PluginStatus, Principal,
@@ -90,35 +89,38 @@ impl PluginSet {
         sink: Arc<dyn FaultSink>,
         cache: Option<&DiskCache>,
     ) -> Result<Self, LoadError> {
-        for (source, slot) in [
-            (auth, Slot::Auth),
-            (sanitizer, Slot::Sanitizer),
-            (metrics, Slot::MetricsPolicy),
-        ] {
+        let sources = [auth, sanitizer, metrics];
+        let mut loaded = Vec::with_capacity(sources.len());
+        for (source, slot) in sources.into_iter().zip(Slot::ALL) {
             if source.slot != slot {
                 return Err(LoadError::Runtime(format!(
                     "a {} plugin was given for the {slot} slot",
                     source.slot
                 )));
             }
+            loaded.push(AnyLoaded::load(runtime, source, sink.clone(), cache)?);
         }
-        Ok(Self {
-            auth: Arc::new(Loaded::load(
-                runtime,
+        Ok(Self::assemble(loaded))
+    }
+
+    /// A set of the plugins `parts`, one per slot.
+    fn assemble(parts: impl IntoIterator<Item = AnyLoaded>) -> Self {
+        let (mut auth, mut sanitizer, mut metrics) = (None, None, None);
+        for part in parts {
+            match part {
+                AnyLoaded::Auth(p) => auth = Some(p),
+                AnyLoaded::Sanitizer(p) => sanitizer = Some(p),
+                AnyLoaded::Metrics(p) => metrics = Some(p),
+            }
+        }
+        match (auth, sanitizer, metrics) {
+            (Some(auth), Some(sanitizer), Some(metrics)) => Self {
                 auth,
-                sink.clone(),
-                cache,
-                smoke_auth,
-            )?),
-            sanitizer: Arc::new(Loaded::load(
-                runtime,
                 sanitizer,
-                sink.clone(),
-                cache,
-                smoke_sanitizer,
-            )?),
-            metrics: Arc::new(Loaded::load(runtime, metrics, sink, cache, smoke_metrics)?),
-        })
+                metrics,
+            },
+            _ => unreachable!("a plugin set is assembled from one plugin per slot"),
+        }
     }
 
     /// The runtime this set's plugins live on.
@@ -137,17 +139,12 @@ impl PluginSet {
 
     /// This set with `plugin` in its slot.
     pub(super) fn with(&self, plugin: AnyLoaded) -> Self {
-        let mut next = Self {
-            auth: self.auth.clone(),
-            sanitizer: self.sanitizer.clone(),
-            metrics: self.metrics.clone(),
-        };
-        match plugin {
-            AnyLoaded::Auth(p) => next.auth = p,
-            AnyLoaded::Sanitizer(p) => next.sanitizer = p,
-            AnyLoaded::Metrics(p) => next.metrics = p,
-        }
-        next
+        let slot = plugin.slot();
+        let mut plugin = Some(plugin);
+        Self::assemble(Slot::ALL.map(|s| match s == slot {
+            true => plugin.take().unwrap_or_else(|| self.get(s)),
+            false => self.get(s),
+        }))
     }
 
     /// Each slot's plugin, as operators see it.
@@ -346,59 +343,67 @@ impl AnyLoaded {
         sink: Arc<dyn FaultSink>,
         cache: Option<&DiskCache>,
     ) -> Result<Self, LoadError> {
-        let (rt, sink, cache) = (runtime, sink, cache);
-        Ok(match source.slot {
-            Slot::Auth => Self::Auth(Arc::new(Loaded::load(rt, source, sink, cache, smoke_auth)?)),
-            Slot::Sanitizer => Self::Sanitizer(Arc::new(Loaded::load(
-                rt,
-                source,
-                sink,
-                cache,
-                smoke_sanitizer,
-            )?)),
-            Slot::MetricsPolicy => Self::Metrics(Arc::new(Loaded::load(
-                rt,
-                source,
-                sink,
-                cache,
-                smoke_metrics,
-            )?)),
-        })
+        source.slot.kind().load(runtime, source, sink, cache)
+    }
+
+    /// The plugin, whatever its slot's calls.
+    fn plugin(&self) -> &dyn Described {
+        match self {
+            Self::Auth(l) => &**l,
+            Self::Sanitizer(l) => &**l,
+            Self::Metrics(l) => &**l,
+        }
+    }
+
+    pub(super) fn slot(&self) -> Slot {
+        self.plugin().slot()
     }
 
     pub(super) fn status(&self, rollback_available: bool) -> PluginStatus {
-        match self {
-            Self::Auth(l) => status_of(l, rollback_available),
-            Self::Sanitizer(l) => status_of(l, rollback_available),
-            Self::Metrics(l) => status_of(l, rollback_available),
-        }
+        self.plugin().status(rollback_available)
     }
 
     pub(super) fn same_as(&self, source: &PluginSource) -> bool {
-        match self {
-            Self::Auth(l) => l.same_as(source),
-            Self::Sanitizer(l) => l.same_as(source),
-            Self::Metrics(l) => l.same_as(source),
-        }
+        self.plugin().same_as(source)
     }
 
     pub(super) fn settings(&self) -> (String, Limits, FailurePolicy) {
-        fn of<W>(l: &Loaded<W>) -> (String, Limits, FailurePolicy) {
-            (l.config.clone(), l.limits, l.failure)
-        }
-        match self {
-            Self::Auth(l) => of(l),
-            Self::Sanitizer(l) => of(l),
-            Self::Metrics(l) => of(l),
-        }
+        self.plugin().settings()
     }
 
     pub(super) fn sha256(&self) -> &str {
-        match self {
-            Self::Auth(l) => &l.sha256,
-            Self::Sanitizer(l) => &l.sha256,
-            Self::Metrics(l) => &l.sha256,
-        }
+        self.plugin().sha256()
+    }
+}
+
+/// What the host reads of a loaded plugin of any slot.
+trait Described {
+    fn slot(&self) -> Slot;
+    fn sha256(&self) -> &str;
+    fn status(&self, rollback_available: bool) -> PluginStatus;
+    fn same_as(&self, source: &PluginSource) -> bool;
+    fn settings(&self) -> (String, Limits, FailurePolicy);
+}
+
+impl<W: World> Described for Loaded<W> {
+    fn slot(&self) -> Slot {
+        self.slot
+    }
+
+    fn sha256(&self) -> &str {
+        &self.sha256
+    }
+
+    fn status(&self, rollback_available: bool) -> PluginStatus {
+        status_of(self, rollback_available)
+    }
+
+    fn same_as(&self, source: &PluginSource) -> bool {
+        Loaded::same_as(self, source)
+    }
+
+    fn settings(&self) -> (String, Limits, FailurePolicy) {
+        (self.config.clone(), self.limits, self.failure)
     }
 }
 
