@@ -11,6 +11,9 @@ use crate::engine::SamplingParams;
 use crate::error::ApiError;
 use crate::plugins::ChatMessage;
 
+mod tokenize;
+pub use tokenize::{DetokenizeRequest, TokenizeRequest};
+
 /// Most stop strings per request.
 pub const MAX_STOP: usize = 4;
 
@@ -70,7 +73,7 @@ pub struct CompletionRequest {
     pub prompt: Prompt,
 }
 
-fn bad(param: &'static str, message: impl Into<String>) -> ApiError {
+pub(super) fn bad(param: &'static str, message: impl Into<String>) -> ApiError {
     ApiError::bad(param, message)
 }
 
@@ -86,7 +89,7 @@ pub fn object(body: Value) -> Result<Map<String, Value>, ApiError> {
 }
 
 /// Take `key` out of `obj`; JSON `null` counts as absent.
-fn take(obj: &mut Map<String, Value>, key: &str) -> Option<Value> {
+pub(super) fn take(obj: &mut Map<String, Value>, key: &str) -> Option<Value> {
     obj.remove(key).filter(|v| !v.is_null())
 }
 
@@ -118,7 +121,10 @@ fn take_range(
     Ok(v)
 }
 
-fn take_bool(obj: &mut Map<String, Value>, key: &'static str) -> Result<Option<bool>, ApiError> {
+pub(super) fn take_bool(
+    obj: &mut Map<String, Value>,
+    key: &'static str,
+) -> Result<Option<bool>, ApiError> {
     match take(obj, key) {
         None => Ok(None),
         Some(Value::Bool(b)) => Ok(Some(b)),
@@ -136,7 +142,7 @@ fn take_count(obj: &mut Map<String, Value>, key: &'static str) -> Result<Option<
     }
 }
 
-fn take_string(
+pub(super) fn take_string(
     obj: &mut Map<String, Value>,
     key: &'static str,
 ) -> Result<Option<String>, ApiError> {
@@ -179,7 +185,7 @@ const REFUSED: [&str; 13] = [
 ];
 
 /// Refuse what is left in `obj`: unsupported OpenAI parameters and unknown ones.
-fn refuse_rest(obj: Map<String, Value>) -> Result<(), ApiError> {
+pub(super) fn refuse_rest(obj: Map<String, Value>) -> Result<(), ApiError> {
     for (key, value) in obj {
         if IGNORED.contains(&key.as_str()) || value.is_null() {
             continue;
@@ -407,7 +413,10 @@ impl CompletionRequest {
     }
 }
 
-fn token_ids(items: &[Value], param: &'static str) -> Option<Result<Vec<u32>, ApiError>> {
+pub(super) fn token_ids(
+    items: &[Value],
+    param: &'static str,
+) -> Option<Result<Vec<u32>, ApiError>> {
     if !items.iter().all(Value::is_number) {
         return None;
     }
@@ -457,63 +466,6 @@ fn prompt(value: Option<Value>) -> Result<Prompt, ApiError> {
         Prompt::Text(s) if s.is_empty() => Err(bad("prompt", "prompt must not be empty")),
         Prompt::Tokens(t) if t.is_empty() => Err(bad("prompt", "prompt must not be empty")),
         _ => Ok(prompt),
-    }
-}
-
-/// `POST /tokenize`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct TokenizeRequest {
-    /// Model; the text model when absent.
-    pub model: Option<String>,
-    /// Text.
-    pub content: String,
-    /// Add the model's BOS token when it wants one.
-    pub add_special: bool,
-    /// Read special-token text (`<|im_start|>`) as the special token.
-    pub parse_special: bool,
-}
-
-impl TokenizeRequest {
-    /// Validate.
-    pub fn parse(body: Value) -> Result<Self, ApiError> {
-        let mut obj = object(body)?;
-        let model = take_string(&mut obj, "model")?;
-        let content = take_string(&mut obj, "content")?
-            .ok_or_else(|| bad("content", "content is required"))?;
-        let add_special = take_bool(&mut obj, "add_special")?.unwrap_or(false);
-        let parse_special = take_bool(&mut obj, "parse_special")?.unwrap_or(true);
-        refuse_rest(obj)?;
-        Ok(Self {
-            model,
-            content,
-            add_special,
-            parse_special,
-        })
-    }
-}
-
-/// `POST /detokenize`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct DetokenizeRequest {
-    /// Model; the text model when absent.
-    pub model: Option<String>,
-    /// Token ids.
-    pub tokens: Vec<u32>,
-}
-
-impl DetokenizeRequest {
-    /// Validate.
-    pub fn parse(body: Value) -> Result<Self, ApiError> {
-        let mut obj = object(body)?;
-        let model = take_string(&mut obj, "model")?;
-        let tokens = match take(&mut obj, "tokens") {
-            Some(Value::Array(items)) => token_ids(&items, "tokens")
-                .unwrap_or_else(|| Err(bad("tokens", "tokens must be an array of token ids")))?,
-            Some(_) => return Err(bad("tokens", "tokens must be an array of token ids")),
-            None => return Err(bad("tokens", "tokens is required")),
-        };
-        refuse_rest(obj)?;
-        Ok(Self { model, tokens })
     }
 }
 
