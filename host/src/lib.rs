@@ -20,13 +20,12 @@ pub mod plugins;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::watch;
 
 pub use app::{AppState, Phase, ReloadReport, Reloader, Services, aborted};
-use breaker::Breaker;
 pub use config::Config;
 use engine::{EmbeddingsHandle, GenerateConfig, MiniLm, TextModel, WorkerConfig};
 use metrics::Metrics;
@@ -132,6 +131,16 @@ fn load_plugins(
     Ok(Registry::new(set, metrics, cache).with_audit_log(prepared.audit_log))
 }
 
+/// The plugin registry `config` names, loaded on a runtime of its own: what a server loads
+/// at start, for in-process use (the route tests' [`AppState::serving`]).
+pub fn plugin_registry(config: &Config, metrics: Arc<Metrics>) -> Result<Registry, StartError> {
+    let prepared = Prepared {
+        auth_config: keys::auth_plugin_config(config)?,
+        audit_log: audit_log(config)?,
+    };
+    load_plugins(config, metrics, prepared)
+}
+
 fn load_services(
     config: &Config,
     metrics: Arc<Metrics>,
@@ -155,8 +164,6 @@ fn load_services(
     let handle = EmbeddingsHandle::spawn(EMBEDDING_MODEL, model, worker)
         .map_err(|e| StartError::Other(format!("cannot start the engine thread: {e}")))?;
     tracing::info!(model = EMBEDDING_MODEL, "model loaded");
-    let mut embeddings = BTreeMap::new();
-    embeddings.insert(EMBEDDING_MODEL.to_string(), handle);
     let mut aliases = BTreeMap::new();
     aliases.insert(
         format!("sentence-transformers/{EMBEDDING_MODEL}"),
@@ -171,42 +178,21 @@ fn load_services(
         observer: metrics.clone(),
     };
     let text_model = TextModel::load(&text_id, &config.text_model_file(), generate)?;
-    tracing::info!(model = %text_id, context = text_model.handle.context_length(), "model loaded");
+    tracing::info!(model = %text_id, context = text_model.context_length(), "model loaded");
     // The file's own name (with its quantization) and the upstream name work too.
     let file_stem = crate::plugins::file_name(&config.text_model)
         .trim_end_matches(".gguf")
         .to_string();
     aliases.insert(file_stem, text_id.clone());
-    aliases.insert(format!("HuggingFaceTB/{text_id}"), text_id.clone());
-    let mut text = BTreeMap::new();
-    text.insert(text_id, text_model);
-    let loaded_at = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    for id in text.keys().chain(embeddings.keys()) {
-        metrics.model_loaded(id);
-    }
-    let cooldown = Duration::from_millis(config.engine.breaker_cooldown_ms);
-    let breakers = text
-        .keys()
-        .chain(embeddings.keys())
-        .map(|id| {
-            let metrics = metrics.clone();
-            let breaker =
-                Breaker::new(id, config.engine.breaker_failures, cooldown, move |m, s| {
-                    metrics.set_breaker_state(m, s)
-                });
-            (id.clone(), breaker)
-        })
-        .collect();
-    Ok(Services {
+    aliases.insert(format!("HuggingFaceTB/{text_id}"), text_id);
+    Ok(Services::new(
+        config,
+        &metrics,
         plugins,
-        embeddings,
-        text,
+        vec![handle],
+        vec![text_model],
         aliases,
-        breakers,
-        loaded_at,
-    })
+    ))
 }
 
 /// After the grace period, how long streams get to send their final event.
@@ -255,13 +241,7 @@ impl Server {
             None => None,
         };
         let metrics = Arc::new(Metrics::new());
-        let state = Arc::new(AppState {
-            config,
-            metrics,
-            services: OnceLock::new(),
-            reloader,
-            phase: watch::Sender::new(Phase::Serving),
-        });
+        let state = AppState::loading(config, metrics, reloader);
 
         let (ready_tx, ready) = watch::channel(None);
         let loading = state.clone();
@@ -269,7 +249,7 @@ impl Server {
             let result = load_services(&loading.config, loading.metrics.clone(), prepared);
             let outcome = match result {
                 Ok(services) => {
-                    let _ = loading.services.set(services);
+                    loading.loaded(services);
                     tracing::info!("ready");
                     Ok(())
                 }

@@ -41,9 +41,16 @@ pub const TEST_DEADLINE: Duration = Duration::from_millis(100);
 
 /// A test configuration: loopback, ephemeral port, the two test keys.
 pub fn config() -> Config {
+    Config {
+        models_dir: models_dir(),
+        ..plugin_config()
+    }
+}
+
+/// [`config`] without the models: for in-process tests, which load only the plugins.
+pub fn plugin_config() -> Config {
     let mut config = Config {
         listen: "127.0.0.1:0".parse().expect("addr"),
-        models_dir: models_dir(),
         plugin_dir: PathBuf::from(PLUGIN_DIR),
         api_key: Some(Secret::new(INFERENCE_KEY)),
         metrics_api_key: Some(Secret::new(METRICS_KEY)),

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
 
@@ -27,6 +28,51 @@ pub struct Services {
 }
 
 impl Services {
+    /// Services of `plugins` and these models (`aliases`: other names → model ids), each
+    /// model with its circuit breaker as `config.engine` sets it, announced in `metrics`.
+    pub fn new(
+        config: &Config,
+        metrics: &Arc<Metrics>,
+        plugins: Registry,
+        embeddings: Vec<EmbeddingsHandle>,
+        text: Vec<TextModel>,
+        aliases: BTreeMap<String, String>,
+    ) -> Self {
+        let embeddings: BTreeMap<String, EmbeddingsHandle> = embeddings
+            .into_iter()
+            .map(|m| (m.id().to_string(), m))
+            .collect();
+        let text: BTreeMap<String, TextModel> =
+            text.into_iter().map(|m| (m.id.clone(), m)).collect();
+        let loaded_at = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        for id in text.keys().chain(embeddings.keys()) {
+            metrics.model_loaded(id);
+        }
+        let cooldown = Duration::from_millis(config.engine.breaker_cooldown_ms);
+        let breakers = text
+            .keys()
+            .chain(embeddings.keys())
+            .map(|id| {
+                let metrics = metrics.clone();
+                let breaker =
+                    Breaker::new(id, config.engine.breaker_failures, cooldown, move |m, s| {
+                        metrics.set_breaker_state(m, s)
+                    });
+                (id.clone(), breaker)
+            })
+            .collect();
+        Self {
+            plugins,
+            embeddings,
+            text,
+            aliases,
+            breakers,
+            loaded_at,
+        }
+    }
+
     /// The embedding model a client named, by id or alias.
     pub fn embedding_model(&self, name: &str) -> Option<&EmbeddingsHandle> {
         let id = self.aliases.get(name).map_or(name, String::as_str);
@@ -126,6 +172,33 @@ pub struct AppState {
 }
 
 impl AppState {
+    /// A state still loading: `/health` answers, the rest say 503 until
+    /// [`AppState::loaded`] is given the services.
+    pub fn loading(config: Config, metrics: Arc<Metrics>, reloader: Reloader) -> Arc<Self> {
+        Arc::new(Self {
+            config,
+            metrics,
+            services: OnceLock::new(),
+            reloader,
+            phase: watch::Sender::new(Phase::Serving),
+        })
+    }
+
+    /// A state serving `services` at once, with no listener: what in-process tests of the
+    /// routes run against (`warp::test` on [`crate::http::routes`]). A reload re-applies
+    /// `config`.
+    pub fn serving(config: Config, metrics: Arc<Metrics>, services: Services) -> Arc<Self> {
+        let again = config.clone();
+        let state = Self::loading(config, metrics, Reloader::new(move || Ok(again.clone())));
+        state.loaded(services);
+        state
+    }
+
+    /// The services are loaded: the state starts serving them. Only the first call counts.
+    pub fn loaded(&self, services: Services) {
+        let _ = self.services.set(services);
+    }
+
     /// The loaded services, or `None` while still loading.
     pub fn services(&self) -> Option<&Services> {
         self.services.get()
