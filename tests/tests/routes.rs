@@ -9,7 +9,8 @@ use std::sync::Arc;
 
 use serde_json::{Value, json};
 use warden::engine::{
-    EmbedInput, Embedder, Embedding, EmbeddingsHandle, EngineError, Vocabulary, WorkerConfig,
+    ChatTemplate, EmbedInput, Embedder, Embedding, EmbeddingsHandle, EngineError, Forward,
+    GenerateConfig, GenerateHandle, GgufTokenizer, TextModel, Vocabulary, WorkerConfig,
 };
 use warden::metrics::Metrics;
 use warden::{AppState, Config, Services};
@@ -61,8 +62,82 @@ impl Embedder for FakeEmbedder {
     }
 }
 
+/// The scripted text model's id.
+const COUNTER: &str = "counter";
+
+/// A scripted text model over one token per byte: after `a` comes `b`, … after `z` the end
+/// of the turn (id 256); after anything else, `a`. Its window is 256 tokens.
+struct Counter;
+
+impl Forward for Counter {
+    type Cache = usize;
+
+    fn context_length(&self) -> usize {
+        256
+    }
+
+    fn new_cache(&self) -> usize {
+        0
+    }
+
+    fn cached(cache: &usize) -> usize {
+        *cache
+    }
+
+    fn forward(&self, tokens: &[u32], cache: &mut usize) -> candle_core::Result<Vec<f32>> {
+        *cache += tokens.len();
+        Ok(next(*tokens.last().unwrap_or(&0)))
+    }
+
+    fn forward_batch(
+        &self,
+        tokens: &[u32],
+        caches: &mut [&mut usize],
+    ) -> candle_core::Result<Vec<Vec<f32>>> {
+        for c in caches.iter_mut() {
+            **c += 1;
+        }
+        Ok(tokens.iter().map(|&t| next(t)).collect())
+    }
+}
+
+fn next(last: u32) -> Vec<f32> {
+    let next = match u8::try_from(last) {
+        Ok(b @ b'a'..=b'y') => u32::from(b + 1),
+        Ok(b'z') => 256,
+        _ => u32::from(b'a'),
+    };
+    let mut logits = vec![0.0; 257];
+    // Peaked enough that sampling at the default temperature picks it too.
+    logits[next as usize] = 30.0;
+    logits
+}
+
+const CHATML: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are helpful<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+fn counter() -> TextModel {
+    let tokenizer = Arc::new(GgufTokenizer::one_token_per_byte());
+    let handle = GenerateHandle::spawn(
+        COUNTER,
+        Arc::new(Counter),
+        tokenizer,
+        GenerateConfig::default(),
+    )
+    .expect("engine thread");
+    TextModel {
+        id: COUNTER.into(),
+        handle,
+        template: Some(ChatTemplate::new(CHATML, "", "<|im_end|>").expect("template")),
+    }
+}
+
 /// A state serving the real plugins `config` names, the fake embedder, and no text model.
 fn serving(config: Config) -> Arc<AppState> {
+    serving_with(config, Vec::new())
+}
+
+/// [`serving`] with these text models.
+fn serving_with(config: Config, text: Vec<TextModel>) -> Arc<AppState> {
     let metrics = Arc::new(Metrics::new());
     let plugins = warden::plugin_registry(&config, metrics.clone()).expect("plugins load");
     let embedder = EmbeddingsHandle::spawn(EMBEDDER, FakeEmbedder, WorkerConfig::default())
@@ -72,7 +147,7 @@ fn serving(config: Config) -> Arc<AppState> {
         &metrics,
         plugins,
         vec![embedder],
-        Vec::new(),
+        text,
         BTreeMap::new(),
     );
     AppState::serving(config, metrics, services)
@@ -347,6 +422,7 @@ async fn unknown_routes_and_methods() {
     let models = send(&state, get("/v1/models", Some(INFERENCE_KEY))).await;
     assert_eq!(models.status, 200);
     assert_eq!(models.json()["data"][0]["id"], EMBEDDER);
+    assert_eq!(models.json()["data"].as_array().map(Vec::len), Some(1));
     send(&state, get("/v1/models", None)).await.error(401);
     assert_eq!(send(&state, get("/health", None)).await.status, 200);
     assert_eq!(send(&state, get("/ready", None)).await.status, 200);
@@ -407,4 +483,88 @@ async fn the_admin_api_needs_its_token_and_names_what_it_refuses() {
     assert!(!escape.body.contains("/work/"), "{}", escape.body);
     let bad_json = ask(put("auth", "{")).await;
     assert_eq!(bad_json.status, 400, "{}", bad_json.body);
+}
+
+#[tokio::test]
+async fn generation_through_the_facade_whole_and_streamed_gives_the_same_text() {
+    let state = serving_with(plugin_config(), vec![counter()]);
+    let body = json!({
+        "model": COUNTER,
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 5,
+    });
+    let whole = send(
+        &state,
+        post("/v1/chat/completions", Some(INFERENCE_KEY), &body),
+    )
+    .await;
+    assert_eq!(whole.status, 200, "{}", whole.body);
+    let v = whole.json();
+    // The prompt ends with the template's "\n": the counter answers from `a`.
+    assert_eq!(v["choices"][0]["message"]["content"], "abcde");
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    assert_eq!(v["usage"]["completion_tokens"], 5);
+
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true});
+    let sse = send(
+        &state,
+        post("/v1/chat/completions", Some(INFERENCE_KEY), &streamed),
+    )
+    .await;
+    assert_eq!(sse.status, 200, "{}", sse.body);
+    let events: Vec<&str> = sse
+        .body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data:").map(str::trim_start))
+        .collect();
+    assert_eq!(events.last(), Some(&"[DONE]"));
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(text, "abcde");
+    assert_eq!(chunks.last().unwrap()["usage"]["completion_tokens"], 5);
+
+    // A completion ends at the end-of-turn token: after `z`.
+    let completion = json!({"model": COUNTER, "prompt": "w", "max_tokens": 10});
+    let r = send(
+        &state,
+        post("/v1/completions", Some(INFERENCE_KEY), &completion),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["choices"][0]["text"], "xyz");
+    assert_eq!(r.json()["choices"][0]["finish_reason"], "stop");
+
+    // The window is 256 tokens: the host refuses before the engine.
+    let long = json!({"model": COUNTER, "prompt": "a".repeat(250), "max_tokens": 10});
+    let r = send(&state, post("/v1/completions", Some(INFERENCE_KEY), &long)).await;
+    assert_eq!(r.error(400)["code"], "context_length_exceeded");
+    let ids = json!({"model": COUNTER, "prompt": [97, 98], "max_tokens": 2});
+    let r = send(&state, post("/v1/completions", Some(INFERENCE_KEY), &ids)).await;
+    assert_eq!(r.json()["choices"][0]["text"], "cd", "{}", r.body);
+
+    // Tokenizing goes through the same model.
+    let r = send(
+        &state,
+        post("/tokenize", Some(INFERENCE_KEY), &json!({"content": "ab"})),
+    )
+    .await;
+    assert_eq!(r.json()["tokens"], json!([97, 98]), "{}", r.body);
+    let r = send(
+        &state,
+        post(
+            "/detokenize",
+            Some(INFERENCE_KEY),
+            &json!({"tokens": [97, 300]}),
+        ),
+    )
+    .await;
+    assert_eq!(r.error(400)["param"], "tokens");
 }

@@ -133,6 +133,56 @@ impl Default for GenerateConfig {
     }
 }
 
+/// What the engine thread runs: a decoder's forward passes over per-sequence caches. The
+/// text model's weights implement it; a test can put a scripted model in their place and
+/// drive the scheduler (queue, rounds, batching, cancellation, stops) without one.
+pub trait Forward: Send + Sync + 'static {
+    /// One sequence's cache.
+    type Cache: Send + 'static;
+    /// The context window, in tokens.
+    fn context_length(&self) -> usize;
+    /// A new, empty cache.
+    fn new_cache(&self) -> Self::Cache;
+    /// Positions `cache` holds.
+    fn cached(cache: &Self::Cache) -> usize;
+    /// Logits of the last of `tokens`, fed after what `cache` holds.
+    fn forward(&self, tokens: &[u32], cache: &mut Self::Cache) -> candle_core::Result<Vec<f32>>;
+    /// One decoding step of several sequences at once: one token each.
+    fn forward_batch(
+        &self,
+        tokens: &[u32],
+        caches: &mut [&mut Self::Cache],
+    ) -> candle_core::Result<Vec<Vec<f32>>>;
+}
+
+impl Forward for TextWeights {
+    type Cache = SeqCache;
+
+    fn context_length(&self) -> usize {
+        self.config().context_length
+    }
+
+    fn new_cache(&self) -> SeqCache {
+        TextWeights::new_cache(self)
+    }
+
+    fn cached(cache: &SeqCache) -> usize {
+        cache.len()
+    }
+
+    fn forward(&self, tokens: &[u32], cache: &mut SeqCache) -> candle_core::Result<Vec<f32>> {
+        TextWeights::forward(self, tokens, cache)
+    }
+
+    fn forward_batch(
+        &self,
+        tokens: &[u32],
+        caches: &mut [&mut SeqCache],
+    ) -> candle_core::Result<Vec<Vec<f32>>> {
+        TextWeights::forward_batch(self, tokens, caches)
+    }
+}
+
 /// Most prompt tokens one sequence feeds per round. Prefill runs near full speed at this
 /// size (about 1 s of work on two cores), and other sequences wait at most one chunk.
 pub const PREFILL_CHUNK: usize = 256;
@@ -177,14 +227,14 @@ impl std::fmt::Debug for GenerateHandle {
 
 impl GenerateHandle {
     /// Start the engine thread.
-    pub fn spawn(
+    pub fn spawn<F: Forward>(
         name: &str,
-        weights: Arc<TextWeights>,
+        weights: Arc<F>,
         tokenizer: Arc<GgufTokenizer>,
         config: GenerateConfig,
     ) -> std::io::Result<Self> {
         let (tx, rx) = sync_channel(config.queue_capacity.max(1));
-        let context_length = weights.config().context_length;
+        let context_length = weights.context_length();
         let stats = Arc::new(GenerateStats::default());
         let engine = Engine {
             weights,
@@ -253,9 +303,9 @@ impl GenerateHandle {
 }
 
 /// Everything one sequence owns.
-struct Sequence {
+struct Sequence<C> {
     job: Job,
-    cache: SeqCache,
+    cache: C,
     sampler: LogitsProcessor,
     generated: Vec<u32>,
     /// Next tokens to feed: the prompt first, then each sampled token.
@@ -266,8 +316,8 @@ struct Sequence {
     ended: bool,
 }
 
-struct Engine {
-    weights: Arc<TextWeights>,
+struct Engine<F> {
+    weights: Arc<F>,
     tokenizer: Arc<GgufTokenizer>,
     max_active: usize,
     queue_timeout: Duration,
@@ -276,9 +326,9 @@ struct Engine {
     stats: Arc<GenerateStats>,
 }
 
-impl Engine {
+impl<F: Forward> Engine<F> {
     /// Start `job` unless it waited too long (then it fails with a timeout).
-    fn admit(&self, job: Job, active: &mut Vec<Sequence>) {
+    fn admit(&self, job: Job, active: &mut Vec<Sequence<F::Cache>>) {
         self.observer.depth(&self.model, -1);
         self.observer.waited(&self.model, job.queued.elapsed());
         if job.queued.elapsed() > self.queue_timeout {
@@ -292,7 +342,7 @@ impl Engine {
     }
 
     fn run(self, rx: Receiver<Job>) {
-        let mut active: Vec<Sequence> = Vec::new();
+        let mut active: Vec<Sequence<F::Cache>> = Vec::new();
         loop {
             if active.is_empty() {
                 match rx.recv() {
@@ -318,7 +368,7 @@ impl Engine {
         }
     }
 
-    fn start(&self, job: Job) -> Sequence {
+    fn start(&self, job: Job) -> Sequence<F::Cache> {
         let s = job.request.sampling;
         let sampling = if s.temperature <= 0.0 {
             Sampling::ArgMax
@@ -350,9 +400,10 @@ impl Engine {
     /// prompt to feed runs alone (prefill, at most [`PREFILL_CHUNK`] tokens per round); all
     /// sequences with one token to feed run in one batched forward pass (decode), which
     /// reads the weights once for all of them.
-    fn step_all(&self, active: &mut Vec<Sequence>) {
+    fn step_all(&self, active: &mut Vec<Sequence<F::Cache>>) {
         active.retain_mut(|seq| self.prepare(seq));
-        let (mut batch, mut alone): (Vec<&mut Sequence>, Vec<&mut Sequence>) =
+        type Refs<'a, C> = Vec<&'a mut Sequence<C>>;
+        let (mut batch, mut alone): (Refs<'_, F::Cache>, Refs<'_, F::Cache>) =
             active.iter_mut().partition(|seq| seq.pending.len() == 1);
         if batch.len() == 1 {
             alone.append(&mut batch);
@@ -372,7 +423,7 @@ impl Engine {
         if !batch.is_empty() {
             let tokens: Vec<u32> = batch.iter().map(|seq| seq.pending[0]).collect();
             let rows = guarded(|| {
-                let mut caches: Vec<&mut SeqCache> =
+                let mut caches: Vec<&mut F::Cache> =
                     batch.iter_mut().map(|seq| &mut seq.cache).collect();
                 self.weights.forward_batch(&tokens, &mut caches)
             });
@@ -395,7 +446,7 @@ impl Engine {
 
     /// Before the model runs: whether `seq` still wants a step. A sequence whose client went
     /// away, that asks for no tokens, or that meets an injected fault ends here.
-    fn prepare(&self, seq: &mut Sequence) -> bool {
+    fn prepare(&self, seq: &mut Sequence<F::Cache>) -> bool {
         if seq.job.events.is_closed() {
             tracing::debug!(parent: &seq.span, "client gone; generation stopped");
             self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
@@ -424,7 +475,7 @@ impl Engine {
 
     /// After the model ran: sample from `logits` and report, or report the failure. Marks
     /// `seq` ended when it is.
-    fn conclude(&self, seq: &mut Sequence, logits: Result<Vec<f32>, EngineError>) {
+    fn conclude(&self, seq: &mut Sequence<F::Cache>, logits: Result<Vec<f32>, EngineError>) {
         let span = seq.span.clone();
         let _enter = span.enter();
         let outcome = logits.and_then(|logits| {
@@ -443,7 +494,7 @@ impl Engine {
     /// Pick the next token from `logits`, report its text. `Some(event)` ends the sequence.
     fn sample(
         &self,
-        seq: &mut Sequence,
+        seq: &mut Sequence<F::Cache>,
         mut logits: Vec<f32>,
     ) -> Result<Option<GenerateEvent>, EngineError> {
         let request = &seq.job.request;
@@ -470,7 +521,7 @@ impl Engine {
             if piece.stopped {
                 Some(FinishReason::Stop)
             } else if seq.generated.len() >= request.max_tokens
-                || seq.cache.len() >= self.weights.config().context_length
+                || F::cached(&seq.cache) >= self.weights.context_length()
             {
                 Some(FinishReason::Length)
             } else {
@@ -524,5 +575,206 @@ fn apply_penalties(logits: &mut [f32], generated: &[u32], s: &SamplingParams) {
         if let Some(l) = logits.get_mut(t as usize) {
             *l -= s.presence_penalty + s.frequency_penalty * n as f32;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+
+    /// The id of `<|im_end|>` in [`GgufTokenizer::one_token_per_byte`].
+    const END: u32 = 256;
+
+    /// A scripted model over the byte tokenizer: after `a` comes `b`, … after `z` the end of
+    /// the turn; after `!` it panics; after anything else, `a`. It records every batch size,
+    /// and every pass waits while a test holds `gate`.
+    #[derive(Default)]
+    struct Counting {
+        batches: Mutex<Vec<usize>>,
+        gate: Mutex<()>,
+    }
+
+    impl Counting {
+        fn logits(last: u32) -> Vec<f32> {
+            let next = match u8::try_from(last) {
+                Ok(b @ b'a'..=b'y') => u32::from(b + 1),
+                Ok(b'z') => END,
+                Ok(b'!') => panic!("scripted panic"),
+                _ => u32::from(b'a'),
+            };
+            let mut logits = vec![0.0; END as usize + 1];
+            logits[next as usize] = 1.0;
+            logits
+        }
+    }
+
+    impl Forward for Counting {
+        type Cache = usize;
+
+        fn context_length(&self) -> usize {
+            64
+        }
+
+        fn new_cache(&self) -> usize {
+            0
+        }
+
+        fn cached(cache: &usize) -> usize {
+            *cache
+        }
+
+        fn forward(&self, tokens: &[u32], cache: &mut usize) -> candle_core::Result<Vec<f32>> {
+            drop(self.gate.lock());
+            *cache += tokens.len();
+            Ok(Self::logits(*tokens.last().expect("a token")))
+        }
+
+        fn forward_batch(
+            &self,
+            tokens: &[u32],
+            caches: &mut [&mut usize],
+        ) -> candle_core::Result<Vec<Vec<f32>>> {
+            drop(self.gate.lock());
+            self.batches.lock().unwrap().push(tokens.len());
+            for c in caches.iter_mut() {
+                **c += 1;
+            }
+            Ok(tokens.iter().map(|&t| Self::logits(t)).collect())
+        }
+    }
+
+    fn engine(model: Arc<Counting>, config: GenerateConfig) -> GenerateHandle {
+        let tokenizer = Arc::new(GgufTokenizer::one_token_per_byte());
+        GenerateHandle::spawn("counting", model, tokenizer, config).expect("engine thread")
+    }
+
+    fn request(prompt: &str, max_tokens: usize, stop: &[&str]) -> GenerateRequest {
+        GenerateRequest {
+            prompt: prompt.bytes().map(u32::from).collect(),
+            max_tokens,
+            sampling: SamplingParams {
+                temperature: 0.0,
+                ..SamplingParams::default()
+            },
+            stop: stop.iter().map(|s| s.to_string()).collect(),
+            span: tracing::Span::none(),
+        }
+    }
+
+    /// Every event to the last: the text, and the last event.
+    fn answer(mut events: UnboundedReceiver<GenerateEvent>) -> (String, GenerateEvent) {
+        let mut text = String::new();
+        loop {
+            match events.blocking_recv().expect("a last event") {
+                GenerateEvent::Started => {}
+                GenerateEvent::Delta(t) => text.push_str(&t),
+                last => return (text, last),
+            }
+        }
+    }
+
+    fn done(reason: FinishReason, prompt_tokens: usize, completion_tokens: usize) -> GenerateEvent {
+        GenerateEvent::Done {
+            reason,
+            prompt_tokens,
+            completion_tokens,
+        }
+    }
+
+    #[test]
+    fn a_sequence_runs_to_its_end_token_its_length_or_its_stop_string() {
+        let handle = engine(Arc::default(), GenerateConfig::default());
+        let run = |r| answer(handle.submit(r).expect("queued"));
+        // The end-of-turn token counts as generated but is not text.
+        assert_eq!(
+            run(request("w", 10, &[])),
+            ("xyz".into(), done(FinishReason::Stop, 1, 4))
+        );
+        assert_eq!(
+            run(request("a", 3, &[])),
+            ("bcd".into(), done(FinishReason::Length, 1, 3))
+        );
+        // The stop string's tokens are generated, its text is not returned.
+        assert_eq!(
+            run(request("a", 10, &["de"])),
+            ("bc".into(), done(FinishReason::Stop, 1, 4))
+        );
+        assert_eq!(
+            run(request("a", 0, &[])),
+            (String::new(), done(FinishReason::Length, 1, 0))
+        );
+        // A long prompt runs in chunks; the window ends the answer.
+        let long = "q".repeat(PREFILL_CHUNK + 40);
+        let (_, last) = run(request(&long, 1000, &[]));
+        assert!(matches!(last, GenerateEvent::Done { .. }), "{last:?}");
+    }
+
+    #[test]
+    fn sequences_run_together_in_batches_of_at_most_max_active() {
+        let model = Arc::new(Counting::default());
+        let config = GenerateConfig {
+            max_active: 3,
+            ..GenerateConfig::default()
+        };
+        let handle = engine(model.clone(), config);
+        let prompts = ["a", "b", "c", "d", "e", "f", "g"];
+        // Everything is queued before the first pass ends, however loaded the machine.
+        let gate = model.gate.lock().unwrap();
+        let pending: Vec<_> = prompts
+            .iter()
+            .map(|p| handle.submit(request(p, 5, &[])).expect("queued"))
+            .collect();
+        drop(gate);
+        for (prompt, events) in prompts.iter().zip(pending) {
+            let first = prompt.as_bytes()[0];
+            let expected: String = (1..=5).map(|i| char::from(first + i)).collect();
+            assert_eq!(answer(events), (expected, done(FinishReason::Length, 1, 5)));
+        }
+        let batches = model.batches.lock().unwrap().clone();
+        assert!(batches.iter().all(|&n| (2..=3).contains(&n)), "{batches:?}");
+        assert!(batches.contains(&3), "no batch of three: {batches:?}");
+        assert_eq!(handle.stats().active.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_client_that_goes_away_stops_its_sequence_and_a_panic_fails_only_its_own() {
+        let handle = engine(Arc::default(), GenerateConfig::default());
+        let mut events = handle.submit(request("a", 50, &[])).expect("queued");
+        assert!(matches!(
+            events.blocking_recv(),
+            Some(GenerateEvent::Started)
+        ));
+        drop(events);
+        let started = Instant::now();
+        while handle.stats().cancelled.load(Ordering::Relaxed) == 0 {
+            assert!(started.elapsed() < Duration::from_secs(10), "not cancelled");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+
+        let (_, last) = answer(handle.submit(request("!", 5, &[])).expect("queued"));
+        assert_eq!(
+            last,
+            GenerateEvent::Failed(EngineError::Model("the model panicked".into()))
+        );
+        assert_eq!(
+            answer(handle.submit(request("x", 5, &[])).expect("queued")),
+            ("yz".into(), done(FinishReason::Stop, 1, 3))
+        );
+    }
+
+    #[test]
+    fn a_request_that_waited_past_the_queue_timeout_does_not_start() {
+        let config = GenerateConfig {
+            queue_timeout: Duration::ZERO,
+            ..GenerateConfig::default()
+        };
+        let handle = engine(Arc::default(), config);
+        let (text, last) = answer(handle.submit(request("a", 5, &[])).expect("queued"));
+        assert_eq!(
+            (text.as_str(), last),
+            ("", GenerateEvent::Failed(EngineError::QueueTimeout))
+        );
     }
 }

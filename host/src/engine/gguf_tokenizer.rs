@@ -338,3 +338,42 @@ impl GgufTokenizer {
         self.stop_tokens.contains(&id)
     }
 }
+
+/// GPT-2's byte-level alphabet: the character each byte is written as in a vocabulary.
+fn byte_char(b: u8) -> char {
+    let visible = |b: u8| matches!(b, 33..=126 | 161..=172 | 174..=255);
+    if visible(b) {
+        return char::from(b);
+    }
+    let shifted = (0..b).filter(|&x| !visible(x)).count() as u32;
+    char::from_u32(256 + shifted).unwrap_or('?')
+}
+
+impl GgufTokenizer {
+    /// A tokenizer of one token per byte (ids 0 to 255, no merges) and `<|im_end|>` (256,
+    /// the end of a turn), with no model behind it: what per-sequence text state and
+    /// scripted models in tests use.
+    #[doc(hidden)]
+    pub fn one_token_per_byte() -> GgufTokenizer {
+        let mut tokens: Vec<Value> = (0..=255u8)
+            .map(|b| Value::String(byte_char(b).to_string()))
+            .collect();
+        tokens.push(Value::String("<|im_end|>".into()));
+        let mut types = vec![Value::I32(1); 256];
+        types.push(Value::I32(3));
+        let metadata = std::collections::HashMap::from([
+            ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
+            ("tokenizer.ggml.tokens".into(), Value::Array(tokens)),
+            ("tokenizer.ggml.merges".into(), Value::Array(Vec::new())),
+            ("tokenizer.ggml.token_type".into(), Value::Array(types)),
+            ("tokenizer.ggml.eos_token_id".into(), Value::U32(256)),
+        ]);
+        let content = Content {
+            magic: candle_core::quantized::gguf_file::VersionedMagic::GgufV3,
+            metadata,
+            tensor_infos: std::collections::HashMap::new(),
+            tensor_data_offset: 0,
+        };
+        Self::from_gguf(&content).expect("a byte tokenizer")
+    }
+}

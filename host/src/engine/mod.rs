@@ -23,8 +23,8 @@ use std::sync::Arc;
 
 pub use bert::{DEFAULT_PRECISION, MiniLm};
 pub use generate::{
-    FinishReason, GenerateConfig, GenerateEvent, GenerateHandle, GenerateRequest, GenerateStats,
-    PREFILL_CHUNK, SamplingParams,
+    FinishReason, Forward, GenerateConfig, GenerateEvent, GenerateHandle, GenerateRequest,
+    GenerateStats, PREFILL_CHUNK, SamplingParams,
 };
 pub use gguf_tokenizer::{Encoded, GgufTokenizer, TokenizerError};
 pub use template::{ChatTemplate, TemplateMessage};

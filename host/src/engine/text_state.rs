@@ -147,3 +147,72 @@ impl TextState {
         (!rest.is_empty()).then_some(rest)
     }
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// One token per byte, with no model behind it.
+    pub(crate) fn byte_tokenizer() -> GgufTokenizer {
+        GgufTokenizer::one_token_per_byte()
+    }
+
+    /// Push `text`'s bytes one token at a time; the deltas and whether a stop was reached.
+    fn run(stop: &[&str], text: &str) -> (Vec<String>, Option<String>, bool) {
+        let tokenizer = byte_tokenizer();
+        let mut state = TextState::new(stop.iter().map(|s| s.to_string()).collect());
+        let ids: Vec<u32> = text.bytes().map(u32::from).collect();
+        let mut deltas = Vec::new();
+        for n in 1..=ids.len() {
+            let piece = state.push(&tokenizer, &ids[..n]).expect("push");
+            deltas.extend(piece.delta);
+            if piece.stopped {
+                return (deltas, None, true);
+            }
+        }
+        let rest = state.finish(&tokenizer, &ids).expect("finish");
+        (deltas, rest, false)
+    }
+
+    #[test]
+    fn characters_split_across_tokens_are_released_whole() {
+        let (deltas, rest, stopped) = run(&[], "aé€😀b");
+        assert!(!stopped);
+        assert_eq!(deltas, ["a", "é", "€", "😀", "b"]);
+        assert_eq!(rest, None);
+    }
+
+    #[test]
+    fn a_stop_string_across_tokens_ends_the_text_before_it() {
+        let (deltas, _, stopped) = run(&["END"], "hello ENDworld");
+        assert!(stopped);
+        assert_eq!(deltas.concat(), "hello ");
+        // A possible start of the stop string is held back until it is not one.
+        let (deltas, rest, stopped) = run(&["END"], "an ENTry");
+        assert!(!stopped);
+        assert_eq!(deltas.concat() + rest.as_deref().unwrap_or(""), "an ENTry");
+    }
+
+    #[test]
+    fn what_was_held_back_for_a_stop_string_is_released_at_the_end() {
+        let (deltas, rest, stopped) = run(&["</s>"], "done </");
+        assert!(!stopped);
+        assert_eq!(deltas.concat(), "done ");
+        assert_eq!(rest.as_deref(), Some("</"));
+    }
+
+    #[test]
+    fn an_unfinished_character_at_the_end_is_rendered_as_decoding_does() {
+        let tokenizer = byte_tokenizer();
+        let mut state = TextState::new(Vec::new());
+        // "é" is 0xC3 0xA9: the answer ends after its first byte.
+        let ids = [u32::from(b'a'), 0xC3];
+        let piece = state.push(&tokenizer, &ids[..1]).unwrap();
+        assert_eq!(piece.delta.as_deref(), Some("a"));
+        assert!(state.push(&tokenizer, &ids).unwrap().delta.is_none());
+        assert_eq!(
+            state.finish(&tokenizer, &ids).unwrap().as_deref(),
+            Some("\u{FFFD}")
+        );
+    }
+}
