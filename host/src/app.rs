@@ -5,6 +5,7 @@
 //! the latency). HTTP handlers wrap it with their span, error rendering and headers; a
 //! WebSocket session would wrap it the same way.
 
+pub mod admin;
 mod embeddings;
 mod engines;
 mod generation;

@@ -4,6 +4,8 @@
 
 use std::sync::Arc;
 
+use tracing::Instrument;
+
 use super::Admitted;
 use crate::AppState;
 use crate::breaker::Permit;
@@ -70,6 +72,29 @@ impl Admitted {
         };
         let _ = self.model.set(model.id.clone());
         Ok(model)
+    }
+
+    /// The served models' ids, and when they were loaded (Unix seconds).
+    pub fn models(&self) -> Result<(Vec<String>, u64), ApiError> {
+        let services = self.state.services().ok_or(ApiError::NotReady)?;
+        Ok((
+            services.model_ids().map(str::to_string).collect(),
+            services.loaded_at,
+        ))
+    }
+
+    /// The metrics exposition (OpenMetrics text), limited to the series the metrics policy
+    /// lets this principal see.
+    pub async fn visible_metrics(&self) -> String {
+        let visibility = self
+            .plugins
+            .visible_series(&self.principal, &self.meta.request_id)
+            .instrument(tracing::debug_span!(
+                "plugin.metrics_policy",
+                call = "visible-series"
+            ))
+            .await;
+        self.state.metrics.encode_visible(&visibility)
     }
 
     /// The embedding model `name` names (id or alias), recorded for metrics.

@@ -9,108 +9,30 @@ use std::sync::Arc;
 use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::json;
-use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
 use warp::http::{HeaderMap, StatusCode};
 use warp::reply::Response;
 use warp::{Filter, Reply};
 
 use crate::AppState;
+use crate::app::admin::{self, admin_error, refused, slot};
 use crate::error::ApiError;
-use crate::plugins::{LoadError, PluginSource, Slot, Trigger};
+use crate::plugins::{PluginSource, Slot};
 
 /// Largest component accepted by `PUT /admin/plugins/{slot}`.
 pub const MAX_COMPONENT_BYTES: u64 = 64 << 20;
 
-fn admin_error(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
-    ApiError::Admin {
-        status,
-        code,
-        message: message.into(),
-    }
-}
-
-/// Check the bearer token in constant time (over digests, so the length leaks nothing
-/// either).
+/// The admin token check, on this request's `Authorization` values.
 fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
-    let unauthorized = |code: &str, message: &str| ApiError::Unauthorized {
-        message: message.into(),
-        code: code.into(),
-    };
-    let Some(token) = &state.config.admin_token else {
-        return Err(unauthorized("invalid_admin_token", "the admin API is off"));
-    };
-    if headers
+    let values: Vec<&str> = headers
         .get_all(warp::http::header::AUTHORIZATION)
         .iter()
-        .count()
-        > 1
-    {
-        return Err(admin_error(
-            StatusCode::BAD_REQUEST,
-            "ambiguous_credentials",
-            "the request carries more than one `authorization` header; send one token",
-        ));
-    }
-    let given = headers
-        .get(warp::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or_else(|| {
-            unauthorized(
-                "missing_admin_token",
-                "send the admin token as `Authorization: Bearer <token>`",
-            )
-        })?;
-    let expected = Sha256::digest(token.expose().as_bytes());
-    let given = Sha256::digest(given.trim().as_bytes());
-    if bool::from(expected.as_slice().ct_eq(given.as_slice())) {
-        Ok(())
-    } else {
-        Err(unauthorized("invalid_admin_token", "invalid admin token"))
-    }
-}
-
-fn slot(name: &str) -> Result<Slot, ApiError> {
-    Slot::from_name(name).ok_or_else(|| {
-        admin_error(
-            StatusCode::NOT_FOUND,
-            "unknown_slot",
-            "no such slot; the slots are auth, sanitizer and metrics-policy",
-        )
-    })
-}
-
-/// The status and code a refused change is answered with.
-fn refused(e: LoadError) -> ApiError {
-    let (status, code) = match &e {
-        LoadError::NotFound { .. } => (StatusCode::NOT_FOUND, "plugin_file_not_found"),
-        LoadError::NotReadable { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "plugin_not_readable"),
-        LoadError::Sha256Mismatch { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "sha256_mismatch"),
-        LoadError::Invalid { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_component"),
-        LoadError::Version { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "unsupported_wit_version"),
-        LoadError::World { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "wrong_world"),
-        LoadError::Import { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "unsupported_import"),
-        LoadError::Configure { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "configuration_rejected"),
-        LoadError::Smoke { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "smoke_call_failed"),
-        LoadError::NoRollback { .. } => (StatusCode::CONFLICT, "no_rollback_target"),
-        LoadError::Runtime(_) => (StatusCode::UNPROCESSABLE_ENTITY, "plugin_refused"),
-    };
-    admin_error(status, code, e.to_string())
+        .map(|v| v.to_str().unwrap_or(""))
+        .collect();
+    admin::authorize(state, &values)
 }
 
 fn ok(value: serde_json::Value) -> Response {
     warp::reply::json(&value).into_response()
-}
-
-/// Run a change (which compiles) off the reactor.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
-) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f).await.unwrap_or_else(|_| {
-        tracing::error!("an admin change panicked; the live plugin set is unchanged");
-        Err(ApiError::Internal)
-    })
 }
 
 /// Parse the optional plugin configuration: a JSON object, as text.
@@ -297,14 +219,12 @@ fn change_source(
 
 async fn list(state: Arc<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
     authorize(&state, &headers)?;
-    let services = state.services().ok_or(ApiError::NotReady)?;
-    Ok(ok(json!({"plugins": services.plugins.status()})))
+    Ok(ok(json!({"plugins": state.plugin_status()?})))
 }
 
 async fn audit(state: Arc<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
     authorize(&state, &headers)?;
-    let services = state.services().ok_or(ApiError::NotReady)?;
-    Ok(ok(json!({"events": services.plugins.audit_events()})))
+    Ok(ok(json!({"events": state.plugin_audit()?})))
 }
 
 async fn put<S, B>(
@@ -330,16 +250,9 @@ where
     }
     let limits = super::handlers::BodyLimits::with_bytes(&state.config, MAX_COMPONENT_BYTES);
     let body = super::handlers::read_declared_body(declared, body, limits).await?;
-    let status = blocking(move || {
-        let source = change_source(&state, slot, &headers, body)?;
-        let services = state.services().ok_or(ApiError::NotReady)?;
-        services
-            .plugins
-            .apply(std::slice::from_ref(&source), Trigger::Admin)
-            .map(|mut s| s.remove(0))
-            .map_err(refused)
-    })
-    .await?;
+    let status = state
+        .change_plugin(move |state| change_source(state, slot, &headers, body))
+        .await?;
     Ok(ok(json!({"plugin": status})))
 }
 
@@ -349,24 +262,13 @@ async fn rollback(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     authorize(&state, &headers)?;
-    let slot = slot(&name)?;
-    let services = state.services().ok_or(ApiError::NotReady)?;
-    let status = services
-        .plugins
-        .rollback(slot, Trigger::Rollback)
-        .map_err(refused)?;
+    let status = state.roll_back(slot(&name)?)?;
     Ok(ok(json!({"plugin": status})))
 }
 
 async fn reload(state: Arc<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
     authorize(&state, &headers)?;
-    state.services().ok_or(ApiError::NotReady)?;
-    let report = blocking(move || {
-        state.reload(Trigger::Reload).map_err(|message| {
-            admin_error(StatusCode::UNPROCESSABLE_ENTITY, "reload_refused", message)
-        })
-    })
-    .await?;
+    let report = state.reload_plugins().await?;
     Ok(ok(serde_json::to_value(report).unwrap_or_default()))
 }
 

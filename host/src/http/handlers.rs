@@ -346,13 +346,13 @@ where
 /// `GET /v1/models`: ids only.
 pub async fn models(state: Arc<AppState>, meta: RequestMeta) -> Response {
     guarded(state, meta, "/v1/models", "inference", |ctx| async move {
-        let services = ctx.state.services().ok_or(ApiError::NotReady)?;
-        let data = services
-            .model_ids()
+        let (ids, created) = ctx.models()?;
+        let data = ids
+            .into_iter()
             .map(|id| ModelCard {
-                id: id.to_string(),
+                id,
                 object: "model",
-                created: services.loaded_at,
+                created,
                 owned_by: "warden",
             })
             .collect();
@@ -369,15 +369,7 @@ pub async fn models(state: Arc<AppState>, meta: RequestMeta) -> Response {
 /// policy lets this caller see. Needs scope `metrics`.
 pub async fn metrics(state: Arc<AppState>, meta: RequestMeta) -> Response {
     guarded(state, meta, "/v1/metrics", "metrics", |ctx| async move {
-        let visibility = ctx
-            .plugins
-            .visible_series(&ctx.principal, &ctx.meta.request_id)
-            .instrument(tracing::debug_span!(
-                "plugin.metrics_policy",
-                call = "visible-series"
-            ))
-            .await;
-        let text = ctx.state.metrics.encode_visible(&visibility);
+        let text = ctx.visible_metrics().await;
         // OpenMetrics for scrapers that ask for it (Prometheus does), text 0.0.4 otherwise.
         let openmetrics = ctx.meta.headers.iter().any(|(name, value)| {
             name == "accept" && value.contains("application/openmetrics-text")
