@@ -134,13 +134,21 @@ impl AppState {
         .await
     }
 
-    /// Restore `slot`'s previous plugin.
-    pub fn roll_back(&self, slot: Slot) -> Result<PluginStatus, ApiError> {
-        let services = self.services().ok_or(ApiError::NotReady)?;
-        services
-            .plugins
-            .rollback(slot, Trigger::Rollback)
-            .map_err(refused)
+    /// Restore `slot`'s previous plugin. Off the reactor too: it waits for a change in
+    /// progress (which may be compiling) to finish.
+    pub async fn roll_back(
+        self: &std::sync::Arc<Self>,
+        slot: Slot,
+    ) -> Result<PluginStatus, ApiError> {
+        let state = self.clone();
+        blocking(move || {
+            let services = state.services().ok_or(ApiError::NotReady)?;
+            services
+                .plugins
+                .rollback(slot, Trigger::Rollback)
+                .map_err(refused)
+        })
+        .await
     }
 
     /// Read the configuration again and apply its plugin slots, all or none.

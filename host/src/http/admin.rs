@@ -262,7 +262,7 @@ async fn rollback(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     authorize(&state, &headers)?;
-    let status = state.roll_back(slot(&name)?)?;
+    let status = state.roll_back(slot(&name)?).await?;
     Ok(ok(json!({"plugin": status})))
 }
 

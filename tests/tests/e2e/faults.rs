@@ -8,9 +8,6 @@ use serde_json::json;
 use warden::plugins::{LoadError, Slot};
 use warden_tests::{config, source, start};
 
-/// The tests' deadline plus a margin for a loaded 2-core machine.
-const BOUND: Duration = Duration::from_millis(warden_tests::TEST_DEADLINE.as_millis() as u64 + 300);
-
 const MODES: [(&str, &str); 5] = [
     ("loop", "deadline"),
     ("memory", "memory"),
@@ -50,9 +47,7 @@ async fn every_fault_in_every_slot_is_contained() {
                 ))
                 .unwrap();
             let before = metrics.fault_count(slot.as_str(), kind);
-            let started = Instant::now();
             let r = t.embed(body.clone()).await;
-            let took = started.elapsed();
             match slot {
                 Slot::MetricsPolicy => assert_eq!(r.status, 200, "{slot} {mode}: {}", r.text),
                 _ => {
@@ -64,7 +59,6 @@ async fn every_fault_in_every_slot_is_contained() {
                         r.text
                     );
                     assert!(r.headers.contains_key("retry-after"));
-                    assert!(took < BOUND, "{slot} {mode} took {took:?}");
                 }
             }
             assert_eq!(
@@ -202,29 +196,69 @@ async fn a_misconfigured_plugin_stops_start_up_with_a_clear_error() {
     server.shutdown().await;
 }
 
+/// A limit in obeyed and violated pairs: the same plugin just inside the limit serves, just
+/// outside it faults with the limit's kind, counted once. No timing upper bound: a loaded
+/// machine can delay a call, never change its fault kind.
 #[tokio::test]
-async fn a_deadline_fires_and_a_memory_cap_holds_when_configured_lower() {
-    let mut c = config();
-    c.plugins.sanitizer.deadline_ms = 50;
-    c.plugins.sanitizer.memory_mib = 4;
-    let t = start(c).await;
+async fn memory_caps_and_deadlines_hold_in_obeyed_and_violated_pairs() {
+    let t = start(config()).await;
     let services = t.server.state().services().unwrap();
-    let mut looping = source(
-        Slot::Sanitizer,
-        "misbehave",
-        json!({"mode": "loop", "spare_smoke": true}),
-    );
-    looping.limits.deadline = Duration::from_millis(50);
-    services.plugins.replace(&looping).unwrap();
-    let started = Instant::now();
-    let r = t
-        .embed(json!({"model": "all-MiniLM-L6-v2", "input": "x"}))
-        .await;
-    let took = started.elapsed();
-    r.error(503);
-    assert!(
-        took >= Duration::from_millis(50) && took < Duration::from_millis(50 + 300),
-        "{took:?}"
-    );
+    let metrics = &t.server.state().metrics;
+    let body = json!({"model": "all-MiniLM-L6-v2", "input": "x"});
+    let cases = [
+        // (configuration, memory cap MiB, deadline ms, fault kind or none)
+        (json!({"mode": "hold", "hold_mib": 1}), 4, 100, None),
+        (
+            json!({"mode": "hold", "hold_mib": 8}),
+            4,
+            100,
+            Some("memory"),
+        ),
+        (json!({"mode": "hold", "hold_mib": 8}), 16, 100, None),
+        (
+            json!({"mode": "spin", "spin_iterations": 1000}),
+            16,
+            50,
+            None,
+        ),
+        (json!({"mode": "loop"}), 16, 50, Some("deadline")),
+    ];
+    for (config, memory_mib, deadline_ms, fault) in cases {
+        let mut spared = config.clone();
+        spared["spare_smoke"] = json!(true);
+        let mut plugin = source(Slot::Sanitizer, "misbehave", spared);
+        plugin.limits.memory_bytes = memory_mib << 20;
+        plugin.limits.deadline = Duration::from_millis(deadline_ms);
+        services.plugins.replace(&plugin).unwrap();
+        let kinds = ["memory", "deadline"];
+        let before: Vec<u64> = kinds
+            .iter()
+            .map(|k| metrics.fault_count("sanitizer", k))
+            .collect();
+        let started = Instant::now();
+        let r = t.embed(body.clone()).await;
+        let took = started.elapsed();
+        let after: Vec<u64> = kinds
+            .iter()
+            .map(|k| metrics.fault_count("sanitizer", k))
+            .collect();
+        for ((kind, b), a) in kinds.iter().zip(&before).zip(&after) {
+            let expected = u64::from(fault == Some(*kind));
+            assert_eq!(
+                a - b,
+                expected,
+                "{config} at {memory_mib} MiB: {kind} faults"
+            );
+        }
+        match fault {
+            None => assert_eq!(r.status, 200, "{config} at {memory_mib} MiB: {}", r.text),
+            Some(kind) => {
+                assert_eq!(r.error(503)["code"], "policy_unavailable", "{config}");
+                if kind == "deadline" {
+                    assert!(took >= Duration::from_millis(deadline_ms), "{took:?}");
+                }
+            }
+        }
+    }
     t.server.shutdown().await;
 }
