@@ -9,10 +9,11 @@ use subtle::ConstantTimeEq;
 /// The plugin's configuration: `{"keys":[{"id","sha256","scopes","tenant"}]}`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Config {
+pub struct Config {
     keys: Vec<KeyConfig>,
 }
 
+/// One key as configured: its id, the sha256 of the key (hex), its scopes and tenant.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct KeyConfig {
@@ -77,6 +78,11 @@ impl KeySet {
     pub fn from_json(config: &str) -> Result<Self, String> {
         let config: Config =
             serde_json::from_str(config).map_err(|e| format!("invalid configuration: {e}"))?;
+        Self::from_config(config)
+    }
+
+    /// Validate a parsed configuration.
+    pub fn from_config(config: Config) -> Result<Self, String> {
         let mut keys = Vec::with_capacity(config.keys.len());
         for (i, key) in config.keys.into_iter().enumerate() {
             if key.id.is_empty() {

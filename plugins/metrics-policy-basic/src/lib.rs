@@ -1,67 +1,43 @@
-//! `metrics-policy-basic`: the wit-bindgen shim. All logic lives in [`logic`].
-// The wit-bindgen glue expands to `unsafe` ABI code; the plugin's own logic forbids it.
-#![allow(unsafe_code)]
+//! `metrics-policy-basic`: route, model, status class and tenant labels; a tenant sees its
+//! own series. The policy lives in [`logic`]; this is its binding through `warden-policy`.
 
 pub mod logic;
 
-wit_bindgen::generate!({
-    path: "../../wit",
-    world: "warden:policy/metrics-policy-plugin@0.1.0",
-});
+use warden_policy::metrics::{Label, Principal, RequestSummary, Visibility};
 
-use std::cell::RefCell;
+/// The plugin: its configuration.
+pub struct Basic(logic::Config);
 
-use exports::warden::policy::lifecycle::Guest as Lifecycle;
-use exports::warden::policy::metrics_policy::{
-    Guest as MetricsPolicy, Label, Principal, RequestSummary, Visibility,
-};
+impl warden_policy::MetricsPolicy for Basic {
+    type Config = logic::Config;
 
-thread_local! {
-    static CONFIG: RefCell<logic::Config> = RefCell::new(logic::Config::default());
-}
-
-struct Plugin;
-
-impl Lifecycle for Plugin {
-    fn configure(config: String) -> Result<(), String> {
-        let parsed = logic::Config::from_json(&config)?;
-        CONFIG.with(|c| *c.borrow_mut() = parsed);
-        Ok(())
-    }
-}
-
-impl MetricsPolicy for Plugin {
-    fn labels(request: RequestSummary) -> Vec<Label> {
-        CONFIG.with(|c| {
-            c.borrow()
-                .labels(
-                    &request.route,
-                    request.model.as_deref(),
-                    request.status,
-                    request.tenant.as_deref(),
-                )
-                .into_iter()
-                .map(|(name, value)| Label {
-                    name: name.into(),
-                    value,
-                })
-                .collect()
-        })
+    fn new(config: logic::Config) -> Result<Self, String> {
+        Ok(Self(config))
     }
 
-    fn visible_series(caller: Principal) -> Visibility {
+    fn labels(&self, r: &RequestSummary) -> Vec<Label> {
+        let labels = self
+            .0
+            .labels(&r.route, r.model.as_deref(), r.status, r.tenant.as_deref());
+        labels
+            .into_iter()
+            .map(|(name, value)| Label {
+                name: name.into(),
+                value,
+            })
+            .collect()
+    }
+
+    fn visible_series(&self, caller: &Principal) -> Visibility {
         match logic::visibility(caller.tenant.as_deref(), &caller.scopes) {
             logic::Visibility::All => Visibility::All,
-            logic::Visibility::Tenant(t) => Visibility::Matching(vec![Label {
+            logic::Visibility::Tenant(value) => Visibility::Matching(vec![Label {
                 name: "tenant".into(),
-                value: t,
+                value,
             }]),
             logic::Visibility::Nothing => Visibility::None,
         }
     }
 }
 
-// Only the wasm build exports the ABI: native builds (unit tests, clippy) cannot link
-// symbol names such as `warden:policy/auth@0.1.0#authenticate`.
-#[cfg(target_arch = "wasm32")]
-export!(Plugin);
+warden_policy::export_metrics_policy!(Basic);

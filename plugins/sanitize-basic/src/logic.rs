@@ -160,6 +160,12 @@ impl Config {
     pub fn from_json(json: &str) -> Result<Self, String> {
         let config: Config =
             serde_json::from_str(json).map_err(|e| format!("invalid configuration: {e}"))?;
+        config.validated()
+    }
+
+    /// The configuration, if its limits are positive.
+    pub fn validated(self) -> Result<Self, String> {
+        let config = self;
         if config.max_texts == 0 || config.max_messages == 0 || config.max_text_bytes == 0 {
             return Err("max_texts, max_messages and max_text_bytes must be positive".into());
         }
