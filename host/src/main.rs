@@ -53,24 +53,66 @@ enum PluginCommand {
     /// Run the validation a live swap runs (integrity, world and version, configuration,
     /// smoke call), offline.
     Check {
-        /// The component file.
-        file: PathBuf,
-        /// The slot it is for.
-        #[arg(long, value_parser = parse_slot)]
-        slot: Slot,
-        /// Its configuration, a JSON object.
-        #[arg(long, default_value = "{}")]
-        config: String,
+        #[command(flatten)]
+        plugin: Plugin,
         /// Required sha256 (hex).
         #[arg(long)]
         sha256: Option<String>,
-        /// Per-call deadline in milliseconds.
-        #[arg(long, default_value_t = 10)]
-        deadline_ms: u64,
-        /// Memory cap in MiB.
-        #[arg(long, default_value_t = 16)]
-        memory_mib: u64,
+        #[command(flatten)]
+        bounds: Bounds,
     },
+    /// Run test cases (JSON lines) through the plugin on the real runtime, with its slot's
+    /// limits: PASS or FAIL per case, with the time of each phase and the memory it took.
+    /// Exit status 0 only if every case passes.
+    Test {
+        #[command(flatten)]
+        plugin: Plugin,
+        /// The cases: one JSON object per line (see docs/plugins.md).
+        #[arg(long)]
+        cases: PathBuf,
+        /// Print one JSON object per case.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        bounds: Bounds,
+    },
+}
+
+/// A component, the slot it is for and its configuration.
+#[derive(Debug, Clone, clap::Args)]
+struct Plugin {
+    /// The component file.
+    file: PathBuf,
+    /// The slot it is for.
+    #[arg(long, value_parser = parse_slot)]
+    slot: Slot,
+    /// Its configuration, a JSON object.
+    #[arg(long, default_value = "{}")]
+    config: String,
+}
+
+/// A plugin's per-call bounds, as the server would give it.
+#[derive(Debug, Clone, clap::Args)]
+struct Bounds {
+    /// Per-call deadline in milliseconds.
+    #[arg(long, default_value_t = 10)]
+    deadline_ms: u64,
+    /// Memory cap in MiB.
+    #[arg(long, default_value_t = 16)]
+    memory_mib: u64,
+}
+
+impl Bounds {
+    fn limits(&self, slot: Slot) -> Limits {
+        Limits {
+            deadline: Duration::from_millis(self.deadline_ms),
+            deadline_per_mib: Duration::from_millis(warden::config::default_deadline_ms_per_mib(
+                slot,
+            )),
+            memory_bytes: usize::try_from(self.memory_mib.saturating_mul(1 << 20))
+                .unwrap_or(usize::MAX),
+        }
+    }
 }
 
 fn parse_slot(s: &str) -> Result<Slot, String> {
@@ -98,23 +140,16 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve(*args),
         Command::Plugin(PluginCommand::Inspect { file, json }) => inspect(&file, json),
         Command::Plugin(PluginCommand::Check {
-            file,
-            slot,
-            config,
+            plugin: Plugin { file, slot, config },
             sha256,
-            deadline_ms,
-            memory_mib,
-        }) => {
-            let limits = Limits {
-                deadline: Duration::from_millis(deadline_ms),
-                deadline_per_mib: Duration::from_millis(
-                    warden::config::default_deadline_ms_per_mib(slot),
-                ),
-                memory_bytes: usize::try_from(memory_mib.saturating_mul(1 << 20))
-                    .unwrap_or(usize::MAX),
-            };
-            check(&file, slot, config, sha256, limits)
-        }
+            bounds,
+        }) => check(&file, slot, config, sha256, bounds.limits(slot)),
+        Command::Plugin(PluginCommand::Test {
+            plugin: Plugin { file, slot, config },
+            cases,
+            json,
+            bounds,
+        }) => test(&file, slot, config, &cases, json, bounds.limits(slot)),
     }
 }
 
@@ -213,6 +248,69 @@ fn inspect(file: &std::path::Path, json: bool) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+fn config_object(config: &str) -> bool {
+    matches!(
+        serde_json::from_str::<serde_json::Value>(config),
+        Ok(serde_json::Value::Object(_))
+    )
+}
+
+fn test(
+    file: &std::path::Path,
+    slot: Slot,
+    config: String,
+    cases: &std::path::Path,
+    json: bool,
+    limits: Limits,
+) -> ExitCode {
+    if !config_object(&config) {
+        eprintln!("error: --config must be a JSON object");
+        return ExitCode::from(2);
+    }
+    let Ok(text) = std::fs::read_to_string(cases) else {
+        eprintln!("error: cannot read the cases file");
+        return ExitCode::from(2);
+    };
+    let outcomes = PluginSource::from_file(slot, file, None, config, limits)
+        .map_err(|e| e.to_string())
+        .and_then(|source| warden::plugins::run_cases(&cli_runtime()?, &source, &text));
+    let outcomes = match outcomes {
+        Ok(o) => o,
+        Err(e) => {
+            println!("FAIL: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let failed = outcomes.iter().filter(|o| !o.passed).count();
+    for o in &outcomes {
+        if json {
+            println!("{}", serde_json::to_string(o).unwrap_or_default());
+            continue;
+        }
+        println!(
+            "{} {}  (instantiate {:.1} µs, configure {:.1} µs, call {:.1} µs, memory {} KiB)",
+            if o.passed { "PASS" } else { "FAIL" },
+            o.name,
+            o.instantiate_us,
+            o.configure_us,
+            o.call_us,
+            o.peak_memory_bytes >> 10
+        );
+        if !o.passed {
+            println!("  expected: {}", o.expected);
+            println!("  answered: {}", o.answer);
+        }
+    }
+    if !json {
+        println!("{} passed, {failed} failed", outcomes.len() - failed);
+    }
+    if failed == 0 && !outcomes.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
 fn check(
     file: &std::path::Path,
     slot: Slot,
@@ -220,12 +318,9 @@ fn check(
     sha256: Option<String>,
     limits: Limits,
 ) -> ExitCode {
-    match serde_json::from_str::<serde_json::Value>(&config) {
-        Ok(serde_json::Value::Object(_)) => {}
-        _ => {
-            eprintln!("error: --config must be a JSON object");
-            return ExitCode::from(2);
-        }
+    if !config_object(&config) {
+        eprintln!("error: --config must be a JSON object");
+        return ExitCode::from(2);
     }
     let source = PluginSource::from_file(slot, file, sha256, config, limits);
     let checked = source.and_then(|s| {

@@ -92,6 +92,69 @@ fn inspect_names_world_version_and_digest() {
 }
 
 #[test]
+fn test_runs_a_case_file_and_exits_by_its_verdict() {
+    let auth = component("auth-api-key");
+    let dir = root().join("plugins/auth-api-key/tests");
+    let config = std::fs::read_to_string(dir.join("config.json")).unwrap();
+    let cases = dir.join("cases.jsonl");
+    let args = |cases: &str, json: bool| {
+        let mut a = vec![
+            "plugin".to_string(),
+            "test".into(),
+            auth.to_str().unwrap().into(),
+            "--slot".into(),
+            "auth".into(),
+            "--config".into(),
+            config.clone(),
+            "--cases".into(),
+            cases.into(),
+        ];
+        if json {
+            a.push("--json".into());
+        }
+        a
+    };
+    let (ok, out) = run(&args(cases.to_str().unwrap(), false)
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>());
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("PASS a configured key is its principal"),
+        "{out}"
+    );
+    assert!(
+        out.contains("instantiate") && out.contains("memory"),
+        "{out}"
+    );
+    assert!(out.trim_end().ends_with("5 passed, 0 failed"), "{out}");
+
+    let (ok, out) = run(&args(cases.to_str().unwrap(), true)
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>());
+    assert!(ok, "{out}");
+    let first: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    assert_eq!(first["passed"], true);
+    assert!(first["configure_us"].as_f64().is_some());
+
+    let tmp = tempfile::tempdir().unwrap();
+    let wrong = tmp.path().join("wrong.jsonl");
+    std::fs::write(
+        &wrong,
+        r#"{"name": "no key is not alice", "request": {}, "expect": {"principal": {"id": "alice"}}}"#,
+    )
+    .unwrap();
+    let (ok, out) = run(&args(wrong.to_str().unwrap(), false)
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>());
+    assert!(!ok, "{out}");
+    assert!(out.contains("FAIL no key is not alice"), "{out}");
+    assert!(out.contains("answered: {\"refusal\""), "{out}");
+}
+
+#[test]
 fn check_gives_a_verdict() {
     let auth = component("auth-api-key");
     let (ok, out) = run(&[

@@ -7,6 +7,7 @@
 mod audit;
 mod bindings;
 mod cache;
+mod harness;
 mod loader;
 mod profile;
 mod registry;
@@ -24,6 +25,7 @@ use std::sync::Arc;
 
 pub use audit::{AUDIT_EVENTS_KEPT, AuditEvent, AuditLog, Outcome, Trigger};
 pub use cache::DiskCache;
+pub use harness::{CaseOutcome, run_cases};
 pub(crate) use loader::file_name;
 pub use loader::{LoadError, PluginSource, versions_served};
 #[doc(hidden)]

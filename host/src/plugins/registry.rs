@@ -235,10 +235,20 @@ pub(super) fn authenticate(
     plugin: &AuthLoaded,
     meta: &RequestMeta,
 ) -> Result<Result<Principal, Refusal>, Fault> {
+    let (mut store, instance) = instance(plugin, Some(&meta.request_id))?;
+    authenticate_on(plugin, &mut store, &instance, meta)
+}
+
+/// [`authenticate`] on an instance made and configured already.
+pub(super) fn authenticate_on(
+    plugin: &AuthLoaded,
+    store: &mut Store<PluginState>,
+    instance: &<AuthPluginPre<PluginState> as World>::Instance,
+    meta: &RequestMeta,
+) -> Result<Result<Principal, Refusal>, Fault> {
     let rid = Some(&meta.request_id);
-    let (mut store, instance) = instance(plugin, rid)?;
-    let result = bindings::call_authenticate(&instance, &mut store, meta);
-    let result = on_time(plugin, &store, rid, result)?;
+    let result = bindings::call_authenticate(instance, store, meta);
+    let result = on_time(plugin, store, rid, result)?;
     match result {
         Ok(p) => {
             let p = bindings::principal_from(p);
@@ -264,10 +274,21 @@ pub(super) fn labels(
     summary: &RequestSummary,
     request_id: &Arc<str>,
 ) -> Result<Vec<(String, String)>, Fault> {
+    let (mut store, instance) = instance(plugin, Some(request_id))?;
+    labels_on(plugin, &mut store, &instance, summary, request_id)
+}
+
+/// [`labels`] on an instance made and configured already.
+pub(super) fn labels_on(
+    plugin: &MetricsLoaded,
+    store: &mut Store<PluginState>,
+    instance: &<MetricsPolicyPluginPre<PluginState> as World>::Instance,
+    summary: &RequestSummary,
+    request_id: &Arc<str>,
+) -> Result<Vec<(String, String)>, Fault> {
     let rid = Some(request_id);
-    let (mut store, instance) = instance(plugin, rid)?;
-    let labels = bindings::call_labels(&instance, &mut store, summary);
-    let mut labels = on_time(plugin, &store, rid, labels)?;
+    let labels = bindings::call_labels(instance, store, summary);
+    let mut labels = on_time(plugin, store, rid, labels)?;
     let mut seen = Vec::with_capacity(labels.len());
     for (name, value) in &mut labels {
         if !ALLOWED_LABELS.contains(&name.as_str()) || seen.contains(name) {
@@ -287,10 +308,21 @@ pub(super) fn visible_series(
     caller: &Principal,
     request_id: &Arc<str>,
 ) -> Result<Visibility, Fault> {
+    let (mut store, instance) = instance(plugin, Some(request_id))?;
+    visible_series_on(plugin, &mut store, &instance, caller, request_id)
+}
+
+/// [`visible_series`] on an instance made and configured already.
+pub(super) fn visible_series_on(
+    plugin: &MetricsLoaded,
+    store: &mut Store<PluginState>,
+    instance: &<MetricsPolicyPluginPre<PluginState> as World>::Instance,
+    caller: &Principal,
+    request_id: &Arc<str>,
+) -> Result<Visibility, Fault> {
     let rid = Some(request_id);
-    let (mut store, instance) = instance(plugin, rid)?;
-    let visibility = bindings::call_visible_series(&instance, &mut store, caller);
-    let visibility = on_time(plugin, &store, rid, visibility)?;
+    let visibility = bindings::call_visible_series(instance, store, caller);
+    let visibility = on_time(plugin, store, rid, visibility)?;
     match &visibility {
         Visibility::Matching(labels)
             if labels.len() > ALLOWED_LABELS.len()

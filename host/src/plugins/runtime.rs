@@ -371,6 +371,7 @@ impl Runtime {
             memory: MemoryCap {
                 cap: limits.memory_bytes,
                 exceeded: false,
+                peak: 0,
             },
             clock: super::wasi::VirtualClock::default(),
             plugin: tag.plugin.clone(),

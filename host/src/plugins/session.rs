@@ -137,6 +137,11 @@ impl SessionInner {
         }
     }
 
+    /// The most linear memory the session's instance asked for, in bytes.
+    pub(super) fn peak_memory(&self) -> usize {
+        self.store.data().memory.peak
+    }
+
     /// Count `text` as released; a filter that releases far more than it was fed is
     /// malformed.
     fn release(&mut self, plugin: &SanitizerLoaded, text: String) -> Result<String, Fault> {

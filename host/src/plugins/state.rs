@@ -22,6 +22,8 @@ const MAX_LOG_LINE: usize = 512;
 pub(super) struct MemoryCap {
     pub(super) cap: usize,
     pub(super) exceeded: bool,
+    /// The most linear memory the instance asked for, in bytes.
+    pub(super) peak: usize,
 }
 
 impl wasmtime::ResourceLimiter for MemoryCap {
@@ -31,6 +33,7 @@ impl wasmtime::ResourceLimiter for MemoryCap {
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
+        self.peak = self.peak.max(desired);
         if desired > self.cap {
             self.exceeded = true;
             return Err(wasmtime::format_err!("plugin memory cap exceeded"));

@@ -1,0 +1,75 @@
+//! The reference plugins' case files (`plugins/*/tests/cases.jsonl`) through the harness
+//! behind `warden plugin test`: the real runtime, the slot's limits, the host's checks.
+
+use std::path::PathBuf;
+
+use warden::plugins::{Limits, PluginSource, Runtime, Slot, run_cases};
+use warden_tests::{PLUGIN_DIR, root};
+
+/// The component `name` in `slot` with `config`, and a runtime for it.
+fn load(name: &str, slot: Slot, config: String) -> (std::sync::Arc<Runtime>, PluginSource) {
+    let path = PathBuf::from(PLUGIN_DIR).join(format!("{name}.wasm"));
+    let source =
+        PluginSource::from_file(slot, &path, None, config, Limits::default()).expect("component");
+    let runtime = Runtime::builder()
+        .instances(8)
+        .call_threads(1)
+        .build()
+        .expect("runtime");
+    (runtime, source)
+}
+
+fn run(name: &str, slot: Slot, cases: &str) -> Vec<warden::plugins::CaseOutcome> {
+    let dir = root().join("plugins").join(name).join("tests");
+    let config = std::fs::read_to_string(dir.join("config.json")).unwrap_or_else(|_| "{}".into());
+    let (runtime, source) = load(name, slot, config);
+    run_cases(&runtime, &source, cases).expect("cases run")
+}
+
+fn cases_of(name: &str) -> String {
+    std::fs::read_to_string(root().join("plugins").join(name).join("tests/cases.jsonl"))
+        .expect("case file")
+}
+
+#[test]
+fn every_reference_plugin_passes_its_case_file() {
+    for (name, slot) in [
+        ("auth-api-key", Slot::Auth),
+        ("sanitize-basic", Slot::Sanitizer),
+        ("metrics-policy-basic", Slot::MetricsPolicy),
+    ] {
+        let outcomes = run(name, slot, &cases_of(name));
+        assert!(outcomes.len() >= 5, "{name}: {} cases", outcomes.len());
+        for o in &outcomes {
+            assert!(
+                o.passed,
+                "{name}: {}: expected {} answered {}",
+                o.name, o.expected, o.answer
+            );
+            assert!(o.peak_memory_bytes > 0, "{name}: {}", o.name);
+        }
+    }
+}
+
+#[test]
+fn a_wrong_expectation_fails_and_a_fault_is_an_answer() {
+    let wrong = r#"{"name": "wrong", "request": {}, "expect": {"principal": {"id": "alice"}}}"#;
+    let outcomes = run("auth-api-key", Slot::Auth, wrong);
+    assert!(!outcomes[0].passed);
+    assert_eq!(outcomes[0].answer["refusal"]["code"], "missing_api_key");
+
+    // A plugin that loops faults with `deadline`, and the case can expect it.
+    let (runtime, source) = load(
+        "misbehave",
+        Slot::Sanitizer,
+        r#"{"mode": "loop", "spare_smoke": true}"#.into(),
+    );
+    let looping =
+        r#"{"name": "loops", "input": {"texts": ["x"]}, "expect": {"fault": "deadline"}}"#;
+    let outcomes = run_cases(&runtime, &source, looping).expect("cases run");
+    assert!(outcomes[0].passed, "{}", outcomes[0].answer);
+
+    // A case that cannot be read names its line.
+    let err = run_cases(&runtime, &source, "# comment\n{not json").unwrap_err();
+    assert!(err.contains("line 2"), "{err}");
+}
