@@ -17,6 +17,7 @@ pub mod http;
 pub mod keys;
 pub mod metrics;
 pub mod plugins;
+pub mod scaffold;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

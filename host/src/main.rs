@@ -61,6 +61,21 @@ enum PluginCommand {
         #[command(flatten)]
         bounds: Bounds,
     },
+    /// Start a plugin project that builds on the first try: its source, a passing test case,
+    /// and the SDK vendored into it.
+    New {
+        /// The plugin's name (lower-case letters, digits and `-`).
+        name: String,
+        /// The slot it fills.
+        #[arg(long, value_parser = parse_slot)]
+        slot: Slot,
+        /// Where to write it [default: ./NAME].
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// The language (Rust only, for now).
+        #[arg(long, default_value = "rust", value_parser = ["rust"])]
+        lang: String,
+    },
     /// Run test cases (JSON lines) through the plugin on the real runtime, with its slot's
     /// limits: PASS or FAIL per case, with the time of each phase and the memory it took.
     /// Exit status 0 only if every case passes.
@@ -144,6 +159,34 @@ fn main() -> ExitCode {
             sha256,
             bounds,
         }) => check(&file, slot, config, sha256, bounds.limits(slot)),
+        Command::Plugin(PluginCommand::New {
+            name,
+            slot,
+            dir,
+            lang: _,
+        }) => {
+            let dir = dir.unwrap_or_else(|| PathBuf::from(&name));
+            match warden::scaffold::new_rust(&dir, &name, slot) {
+                Ok(files) => {
+                    println!(
+                        "wrote a {slot} plugin `{name}` ({} files); next:",
+                        files.len()
+                    );
+                    println!("  cd {}", dir.display());
+                    println!("  cargo build --release --target wasm32-wasip2");
+                    println!(
+                        "  warden plugin test target/wasm32-wasip2/release/{}.wasm --slot {slot} \\",
+                        name.replace('-', "_")
+                    );
+                    println!("    --config \"$(cat tests/config.json)\" --cases tests/cases.jsonl");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
         Command::Plugin(PluginCommand::Test {
             plugin: Plugin { file, slot, config },
             cases,

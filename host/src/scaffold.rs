@@ -1,0 +1,236 @@
+//! `warden plugin new`: a plugin project that builds on the first try, outside any
+//! workspace, with a passing test case. The Rust project depends on a copy of the
+//! `warden-policy` SDK vendored into it (`vendor/warden-sdk`, the same sources as this
+//! binary's `sdk/`), so it needs nothing but crates.io and the `wasm32-wasip2` target.
+
+use std::path::{Path, PathBuf};
+
+use crate::plugins::Slot;
+
+/// The SDK's sources, as this binary was built with them: (path under `vendor/warden-sdk`,
+/// contents).
+const SDK: [(&str, &str); 12] = [
+    ("rust/src/lib.rs", include_str!("../../sdk/rust/src/lib.rs")),
+    (
+        "rust/src/helpers.rs",
+        include_str!("../../sdk/rust/src/helpers.rs"),
+    ),
+    (
+        "rust/wit/0.1.0/types.wit",
+        include_str!("../../sdk/rust/wit/0.1.0/types.wit"),
+    ),
+    (
+        "rust/wit/0.1.0/auth.wit",
+        include_str!("../../sdk/rust/wit/0.1.0/auth.wit"),
+    ),
+    (
+        "rust/wit/0.1.0/sanitizer.wit",
+        include_str!("../../sdk/rust/wit/0.1.0/sanitizer.wit"),
+    ),
+    (
+        "rust/wit/0.1.0/metrics.wit",
+        include_str!("../../sdk/rust/wit/0.1.0/metrics.wit"),
+    ),
+    (
+        "rust/wit/0.1.0/worlds.wit",
+        include_str!("../../sdk/rust/wit/0.1.0/worlds.wit"),
+    ),
+    ("auth/src/lib.rs", include_str!("../../sdk/auth/src/lib.rs")),
+    (
+        "sanitizer/src/lib.rs",
+        include_str!("../../sdk/sanitizer/src/lib.rs"),
+    ),
+    (
+        "metrics/src/lib.rs",
+        include_str!("../../sdk/metrics/src/lib.rs"),
+    ),
+    ("rust/Cargo.toml", SDK_MANIFEST),
+    (
+        "README.md",
+        "The warden-policy SDK, vendored by `warden plugin new`.\n",
+    ),
+];
+
+const SDK_MANIFEST: &str = r#"[package]
+name = "warden-policy"
+version = "0.1.0"
+edition = "2024"
+license = "Apache-2.0"
+publish = false
+
+[dependencies]
+warden-policy-auth = { path = "../auth" }
+warden-policy-sanitizer = { path = "../sanitizer" }
+warden-policy-metrics = { path = "../metrics" }
+wit-bindgen = "0.46"
+serde = { version = "1", features = ["derive"] }
+serde_json = "1"
+subtle = "2.6"
+"#;
+
+/// A bindings crate's manifest.
+fn bindings_manifest(dir: &str) -> String {
+    format!(
+        "[package]\nname = \"warden-policy-{dir}\"\nversion = \"0.1.0\"\nedition = \"2024\"\n\
+         license = \"Apache-2.0\"\npublish = false\n\n[dependencies]\nwit-bindgen = \"0.46\"\n"
+    )
+}
+
+/// The project's own manifest.
+fn manifest(name: &str) -> String {
+    format!(
+        r#"[package]
+name = "{name}"
+version = "0.1.0"
+edition = "2024"
+publish = false
+
+[lib]
+crate-type = ["cdylib"]
+
+[dependencies]
+warden-policy = {{ path = "vendor/warden-sdk/rust" }}
+serde = {{ version = "1", features = ["derive"] }}
+
+# Not part of any enclosing workspace.
+[workspace]
+
+[profile.release]
+opt-level = "s"
+debug = false
+strip = "debuginfo"
+"#
+    )
+}
+
+/// What a new plugin of `slot` starts as: its source, its configuration and its cases.
+fn template(slot: Slot) -> (&'static str, &'static str, &'static str) {
+    match slot {
+        Slot::Auth => (
+            include_str!("scaffold/auth.rs"),
+            "{\"token\": \"change-me-to-a-long-secret\"}\n",
+            "{\"name\": \"the configured token is a client\", \"request\": {\"headers\": \
+             {\"authorization\": \"Bearer change-me-to-a-long-secret\"}}, \"expect\": \
+             {\"principal\": {\"id\": \"client\", \"scopes\": [\"inference\"]}}}\n\
+             {\"name\": \"no token is refused\", \"request\": {}, \"expect\": {\"refusal\": \
+             {\"status\": 401, \"code\": \"missing_api_key\"}}}\n",
+        ),
+        Slot::Sanitizer => (
+            include_str!("scaffold/sanitizer.rs"),
+            "{\"blocked\": [\"secret project\"]}\n",
+            "{\"name\": \"plain input passes\", \"input\": {\"kind\": \"chat\", \"messages\": \
+             [{\"role\": \"user\", \"content\": \"hello\"}]}, \"expect\": {\"pass\": true}}\n\
+             {\"name\": \"a blocked word is refused\", \"input\": {\"kind\": \"embeddings\", \
+             \"texts\": [\"about the Secret Project\"]}, \"expect\": {\"refusal\": \
+             {\"status\": 400, \"code\": \"blocked_word\"}}}\n",
+        ),
+        Slot::MetricsPolicy => (
+            include_str!("scaffold/metrics.rs"),
+            "{}\n",
+            "{\"name\": \"route and status class\", \"summary\": {\"route\": \
+             \"/v1/embeddings\", \"status\": 200}, \"expect\": {\"labels\": {\"route\": \
+             \"/v1/embeddings\", \"status_class\": \"2xx\", \"tenant\": null}}}\n",
+        ),
+    }
+}
+
+fn readme(name: &str, slot: Slot) -> String {
+    let file = name.replace('-', "_");
+    format!(
+        "# {name}\n\nA Warden {slot} plugin, made by `warden plugin new`.\n\n```sh\n\
+         rustup target add wasm32-wasip2\n\
+         cargo build --release --target wasm32-wasip2\n\
+         warden plugin test target/wasm32-wasip2/release/{file}.wasm --slot {slot} \\\n  \
+         --config \"$(cat tests/config.json)\" --cases tests/cases.jsonl\n```\n\n\
+         Then put it live: see Warden's docs/plugins.md.\n"
+    )
+}
+
+/// Whether `name` can be a crate and a plugin name: lower-case letters, digits and `-`,
+/// starting with a letter, at most 64.
+fn valid_name(name: &str) -> bool {
+    name.len() <= 64
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+}
+
+/// Write a new Rust plugin project for `slot` named `name` into `dir` (which must not
+/// exist, or be empty). Returns the files written, relative to `dir`.
+pub fn new_rust(dir: &Path, name: &str, slot: Slot) -> Result<Vec<PathBuf>, String> {
+    if !valid_name(name) {
+        return Err(format!(
+            "`{name}` is not a plugin name: lower-case letters, digits and `-`, starting \
+             with a letter"
+        ));
+    }
+    if dir.exists() && dir.read_dir().map_or(true, |mut d| d.next().is_some()) {
+        return Err("the directory exists and is not empty".into());
+    }
+    let (source, config, cases) = template(slot);
+    let mut files: Vec<(PathBuf, String)> = vec![
+        ("Cargo.toml".into(), manifest(name)),
+        ("src/lib.rs".into(), source.to_string()),
+        ("tests/config.json".into(), config.to_string()),
+        ("tests/cases.jsonl".into(), cases.to_string()),
+        ("README.md".into(), readme(name, slot)),
+        (".gitignore".into(), "/target\n".into()),
+    ];
+    for (path, text) in SDK {
+        files.push((Path::new("vendor/warden-sdk").join(path), text.to_string()));
+    }
+    for crate_dir in ["auth", "sanitizer", "metrics"] {
+        files.push((
+            Path::new("vendor/warden-sdk")
+                .join(crate_dir)
+                .join("Cargo.toml"),
+            bindings_manifest(crate_dir),
+        ));
+    }
+    let mut written = Vec::with_capacity(files.len());
+    for (path, text) in files {
+        let full = dir.join(&path);
+        if let Some(parent) = full.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| format!("cannot create a directory: {}", e.kind()))?;
+        }
+        std::fs::write(&full, text)
+            .map_err(|e| format!("cannot write {}: {}", path.display(), e.kind()))?;
+        written.push(path);
+    }
+    Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_crate_names() {
+        assert!(valid_name("my-auth2"));
+        for bad in ["", "My", "9lives", "a_b", "a/b", "../x", &"a".repeat(65)] {
+            assert!(!valid_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_project_is_written_once_with_the_vendored_sdk() {
+        let dir = tempfile::tempdir().unwrap();
+        let project = dir.path().join("p");
+        let files = new_rust(&project, "my-auth", Slot::Auth).unwrap();
+        assert!(
+            files
+                .iter()
+                .any(|f| f.ends_with("vendor/warden-sdk/rust/src/lib.rs"))
+        );
+        let manifest = std::fs::read_to_string(project.join("Cargo.toml")).unwrap();
+        assert!(manifest.contains("name = \"my-auth\"") && manifest.contains("[workspace]"));
+        let source = std::fs::read_to_string(project.join("src/lib.rs")).unwrap();
+        assert!(source.contains("export_auth!"));
+        assert!(
+            new_rust(&project, "my-auth", Slot::Auth).is_err(),
+            "not over itself"
+        );
+    }
+}
