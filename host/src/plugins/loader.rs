@@ -60,7 +60,11 @@ pub enum LoadError {
         reason: String,
     },
     /// Built against a WIT version this host does not serve.
-    #[error("{slot} plugin `{plugin}` {direction} {interface}; this host serves {served}")]
+    #[error(
+        "{slot} plugin `{plugin}` {direction} {interface}; this host serves {served}: rebuild \
+         it against warden:policy {served} (warden-policy {served}, or the wit/ of this \
+         release)"
+    )]
     Version {
         /// Slot.
         slot: Slot,

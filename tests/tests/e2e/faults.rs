@@ -165,7 +165,7 @@ async fn bad_plugins_are_refused_at_load_and_the_live_set_stays() {
     assert!(matches!(err, LoadError::Version { .. }), "{err}");
     assert_eq!(
         err.to_string(),
-        "auth plugin `auth-api-key` exports warden:policy/auth@0.2.0; this host serves 0.1.x"
+        "auth plugin `auth-api-key` exports warden:policy/auth@0.2.0; this host serves 0.1.x: rebuild it against warden:policy 0.1.x (warden-policy 0.1.x, or the wit/ of this release)"
     );
     let r = t.embed(body).await;
     assert_eq!(r.status, 200, "{}", r.text);
