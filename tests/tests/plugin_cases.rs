@@ -73,3 +73,35 @@ fn a_wrong_expectation_fails_and_a_fault_is_an_answer() {
     let err = run_cases(&runtime, &source, "# comment\n{not json").unwrap_err();
     assert!(err.contains("line 2"), "{err}");
 }
+
+/// The Python sanitizer, built by `make python-plugins` (which `make test` runs) with
+/// componentize-py, through the same harness.
+#[test]
+fn the_python_sanitizer_passes_its_case_file() {
+    let component = root().join("target/plugins/prompt-guard-py.wasm");
+    assert!(
+        component.is_file(),
+        "target/plugins/prompt-guard-py.wasm is missing: run `make python-plugins` (make test does)"
+    );
+    let limits = Limits {
+        memory_bytes: 64 << 20,
+        deadline: std::time::Duration::from_secs(1),
+        ..Limits::default()
+    };
+    let source = PluginSource::from_file(Slot::Sanitizer, &component, None, "{}".into(), limits)
+        .expect("component");
+    let runtime = Runtime::builder()
+        .instances(8)
+        .call_threads(1)
+        .build()
+        .expect("runtime");
+    let outcomes = run_cases(&runtime, &source, &cases_of("prompt-guard-py")).expect("cases run");
+    assert!(outcomes.len() >= 6);
+    for o in &outcomes {
+        assert!(
+            o.passed,
+            "{}: expected {} answered {}",
+            o.name, o.expected, o.answer
+        );
+    }
+}

@@ -740,13 +740,17 @@ mod tests {
 
     #[test]
     fn a_client_that_goes_away_stops_its_sequence_and_a_panic_fails_only_its_own() {
-        let handle = engine(Arc::default(), GenerateConfig::default());
+        let model = Arc::new(Counting::default());
+        let handle = engine(model.clone(), GenerateConfig::default());
+        // The client leaves while its first pass waits: the sequence cannot end first.
+        let gate = model.gate.lock().unwrap();
         let mut events = handle.submit(request("a", 50, &[])).expect("queued");
         assert!(matches!(
             events.blocking_recv(),
             Some(GenerateEvent::Started)
         ));
         drop(events);
+        drop(gate);
         let started = Instant::now();
         while handle.stats().cancelled.load(Ordering::Relaxed) == 0 {
             assert!(started.elapsed() < Duration::from_secs(10), "not cancelled");
