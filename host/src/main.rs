@@ -72,8 +72,8 @@ enum PluginCommand {
         /// Where to write it [default: ./NAME].
         #[arg(long)]
         dir: Option<PathBuf>,
-        /// The language (Rust only, for now).
-        #[arg(long, default_value = "rust", value_parser = ["rust"])]
+        /// The language: rust, or python (componentize-py).
+        #[arg(long, default_value = "rust", value_parser = ["rust", "python"])]
         lang: String,
     },
     /// Run test cases (JSON lines) through the plugin on the real runtime, with its slot's
@@ -163,9 +163,31 @@ fn main() -> ExitCode {
             name,
             slot,
             dir,
-            lang: _,
+            lang,
         }) => {
             let dir = dir.unwrap_or_else(|| PathBuf::from(&name));
+            if lang == "python" {
+                return match warden::scaffold::new_python(&dir, &name, slot) {
+                    Ok(files) => {
+                        println!(
+                            "wrote a {slot} plugin `{name}` in Python ({} files); next:",
+                            files.len()
+                        );
+                        println!("  cd {} && sh build.sh", dir.display());
+                        println!(
+                            "  warden plugin test {name}.wasm --slot {slot} --memory-mib 64 --deadline-ms 1000 \\"
+                        );
+                        println!(
+                            "    --config \"$(cat tests/config.json)\" --cases tests/cases.jsonl"
+                        );
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        ExitCode::from(2)
+                    }
+                };
+            }
             match warden::scaffold::new_rust(&dir, &name, slot) {
                 Ok(files) => {
                     println!(

@@ -1,5 +1,6 @@
 //! `warden plugin new`: a plugin project that builds on the first try, outside any
-//! workspace, with a passing test case. The Rust project depends on a copy of the
+//! workspace, with a passing test case, in Rust or Python. The Python project carries the
+//! WIT and a `build.sh` for componentize-py. The Rust project depends on a copy of the
 //! `warden-policy` SDK vendored into it (`vendor/warden-sdk`, the same sources as this
 //! binary's `sdk/`), so it needs nothing but crates.io and the `wasm32-wasip2` target.
 
@@ -156,9 +157,73 @@ fn valid_name(name: &str) -> bool {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
 }
 
-/// Write a new Rust plugin project for `slot` named `name` into `dir` (which must not
-/// exist, or be empty). Returns the files written, relative to `dir`.
-pub fn new_rust(dir: &Path, name: &str, slot: Slot) -> Result<Vec<PathBuf>, String> {
+/// The WIT files vendored into a Python project (`wit/`).
+fn wit_files() -> impl Iterator<Item = (&'static str, &'static str)> {
+    SDK.iter()
+        .filter_map(|(path, text)| Some((path.strip_prefix("rust/wit/0.1.0/")?, *text)))
+}
+
+/// A Python project's build script: bindings from the vendored WIT, then the component.
+fn python_build(name: &str, slot: Slot) -> String {
+    let world = slot.world();
+    format!(
+        "#!/bin/sh\n# Needs componentize-py (pip install componentize-py==0.25.1).\nset -e\n\
+         cd \"$(dirname \"$0\")\"\n\
+         componentize-py -d wit -w warden:policy/{world}@0.1.0 bindings build/bindings\n\
+         # Warden gives a plugin no WASI: stub it (CPython would import sockets and files).\n\
+         componentize-py -d wit -w warden:policy/{world}@0.1.0 componentize --stub-wasi \\\n  \
+         -p src -p build/bindings app -o {name}.wasm\n"
+    )
+}
+
+/// Write a new Python plugin project for `slot` named `name` into `dir`, built with
+/// componentize-py by its `build.sh`. Returns the files written, relative to `dir`.
+pub fn new_python(dir: &Path, name: &str, slot: Slot) -> Result<Vec<PathBuf>, String> {
+    check_target(dir, name)?;
+    let (_, config, cases) = template(slot);
+    let mut files: Vec<(PathBuf, String)> = vec![
+        ("build.sh".into(), python_build(name, slot)),
+        ("tests/config.json".into(), config.to_string()),
+        ("tests/cases.jsonl".into(), cases.to_string()),
+        (".gitignore".into(), "/build\n*.wasm\n".into()),
+        (
+            "README.md".into(),
+            format!(
+                "# {name}\n\nA Warden {slot} plugin in Python, made by `warden plugin new`.\n\n\
+                 ```sh\npip install componentize-py==0.25.1\nsh build.sh\n\
+                 warden plugin test {name}.wasm --slot {slot} --memory-mib 64 --deadline-ms 1000 \\\n  \
+                 --config \"$(cat tests/config.json)\" --cases tests/cases.jsonl\n```\n"
+            ),
+        ),
+    ];
+    match slot {
+        Slot::Auth => files.push((
+            "src/app.py".into(),
+            include_str!("scaffold/python/auth.py").into(),
+        )),
+        Slot::Sanitizer => {
+            files.push((
+                "src/app.py".into(),
+                include_str!("scaffold/python/sanitizer_app.py").into(),
+            ));
+            files.push((
+                "src/sanitizer.py".into(),
+                include_str!("scaffold/python/sanitizer_filter.py").into(),
+            ));
+        }
+        Slot::MetricsPolicy => files.push((
+            "src/app.py".into(),
+            include_str!("scaffold/python/metrics.py").into(),
+        )),
+    }
+    for (file, text) in wit_files() {
+        files.push((Path::new("wit").join(file), text.to_string()));
+    }
+    write_all(dir, files)
+}
+
+/// A name and a directory a project may be written to.
+fn check_target(dir: &Path, name: &str) -> Result<(), String> {
     if !valid_name(name) {
         return Err(format!(
             "`{name}` is not a plugin name: lower-case letters, digits and `-`, starting \
@@ -168,6 +233,29 @@ pub fn new_rust(dir: &Path, name: &str, slot: Slot) -> Result<Vec<PathBuf>, Stri
     if dir.exists() && dir.read_dir().map_or(true, |mut d| d.next().is_some()) {
         return Err("the directory exists and is not empty".into());
     }
+    Ok(())
+}
+
+/// Write `files` under `dir`; the paths written.
+fn write_all(dir: &Path, files: Vec<(PathBuf, String)>) -> Result<Vec<PathBuf>, String> {
+    let mut written = Vec::with_capacity(files.len());
+    for (path, text) in files {
+        let full = dir.join(&path);
+        if let Some(parent) = full.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| format!("cannot create a directory: {}", e.kind()))?;
+        }
+        std::fs::write(&full, text)
+            .map_err(|e| format!("cannot write {}: {}", path.display(), e.kind()))?;
+        written.push(path);
+    }
+    Ok(written)
+}
+
+/// Write a new Rust plugin project for `slot` named `name` into `dir` (which must not
+/// exist, or be empty). Returns the files written, relative to `dir`.
+pub fn new_rust(dir: &Path, name: &str, slot: Slot) -> Result<Vec<PathBuf>, String> {
+    check_target(dir, name)?;
     let (source, config, cases) = template(slot);
     let mut files: Vec<(PathBuf, String)> = vec![
         ("Cargo.toml".into(), manifest(name)),
@@ -188,18 +276,7 @@ pub fn new_rust(dir: &Path, name: &str, slot: Slot) -> Result<Vec<PathBuf>, Stri
             bindings_manifest(crate_dir),
         ));
     }
-    let mut written = Vec::with_capacity(files.len());
-    for (path, text) in files {
-        let full = dir.join(&path);
-        if let Some(parent) = full.parent() {
-            std::fs::create_dir_all(parent)
-                .map_err(|e| format!("cannot create a directory: {}", e.kind()))?;
-        }
-        std::fs::write(&full, text)
-            .map_err(|e| format!("cannot write {}: {}", path.display(), e.kind()))?;
-        written.push(path);
-    }
-    Ok(written)
+    write_all(dir, files)
 }
 
 #[cfg(test)]
