@@ -14,7 +14,7 @@ OPENAI_VERSION := 2.54.0
 MINILM := $(MODELS_DIR)/all-MiniLM-L6-v2/model.safetensors
 SMOLLM := $(MODELS_DIR)/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: run build plugins python-plugins models wasm-target venv bench-venv llama-cpp bench bench-embeddings bench-swap bench-plugins bench-memory bench-sanitizer soak overload fuzz secret-scan coverage promtool monitoring lint test fmt clean
+.PHONY: run build plugins python-plugins js-plugins models wasm-target venv bench-venv llama-cpp bench bench-embeddings bench-swap bench-plugins bench-memory bench-sanitizer soak overload fuzz secret-scan coverage promtool monitoring lint test fmt clean
 
 ## Serve on $WARDEN_LISTEN (default 127.0.0.1:8080); honours every WARDEN_* variable.
 run: wasm-target models plugins build
@@ -52,6 +52,20 @@ python-plugins: .venv/.componentize-py-$(COMPONENTIZE_PY)
 			-p plugins/$$p -p $$out/bindings app -o $(PLUGIN_DIR)/$$p.wasm >/dev/null || exit 1; \
 		sha256sum $(PLUGIN_DIR)/$$p.wasm; \
 	done
+
+## The JavaScript plugins, built with componentize-js (npm, pinned by each package-lock.json)
+## from their sources in plugins/*-js, after their own `npm test`. Each is pre-initialized
+## at build time: its module runs once and the snapshot is the component.
+JS_PLUGINS := jwt-auth-js
+js-plugins: $(foreach p,$(JS_PLUGINS),plugins/$(p)/node_modules/.package-lock.json)
+	@mkdir -p $(PLUGIN_DIR)
+	@for p in $(JS_PLUGINS); do \
+		(cd plugins/$$p && npm test --silent >/dev/null && npm run --silent build) || exit 1; \
+		cp plugins/$$p/$$p.wasm $(PLUGIN_DIR)/$$p.wasm && sha256sum $(PLUGIN_DIR)/$$p.wasm; \
+	done
+
+plugins/%/node_modules/.package-lock.json: plugins/%/package-lock.json
+	cd plugins/$* && npm ci --no-audit --no-fund --loglevel=error
 
 .venv/.componentize-py-$(COMPONENTIZE_PY): .venv/.openai-$(OPENAI_VERSION)
 	.venv/bin/pip install --quiet componentize-py==$(COMPONENTIZE_PY)
@@ -194,7 +208,7 @@ monitoring: promtool
 	$(PYTHON) -m json.tool docs/monitoring/grafana-dashboard.json >/dev/null
 
 ## Everything: lints, unit tests, plugin tests, end-to-end tests with real models.
-test: wasm-target models venv python-plugins promtool monitoring lint secret-scan
+test: wasm-target models venv python-plugins js-plugins promtool monitoring lint secret-scan
 	WARDEN_TEST_PYTHON=$(CURDIR)/.venv/bin/python WARDEN_MODELS_DIR=$(CURDIR)/$(MODELS_DIR) \
 		$(CARGO) test --workspace --locked
 

@@ -151,6 +151,9 @@ fn main() -> ExitCode {
     } else {
         builder.init();
     }
+    if !matches!(cli.command, Command::Serve(_)) {
+        restore_sigpipe();
+    }
     match cli.command {
         Command::Serve(args) => serve(*args),
         Command::Plugin(PluginCommand::Inspect { file, json }) => inspect(&file, json),
@@ -215,6 +218,19 @@ fn main() -> ExitCode {
             json,
             bounds,
         }) => test(&file, slot, config, &cases, json, bounds.limits(slot)),
+    }
+}
+
+/// The tool commands write reports that are piped into `head` or `grep`: like any Unix
+/// tool, they end quietly when the reader goes away, where Rust's ignored SIGPIPE would make
+/// `println!` panic. The server keeps SIGPIPE ignored, so a closed socket is an error value.
+fn restore_sigpipe() {
+    // SAFETY: setting a signal to its default disposition has no memory-safety effect; it
+    // is done before any of our threads runs, and only changes what a write to a closed
+    // pipe does.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 

@@ -74,34 +74,66 @@ fn a_wrong_expectation_fails_and_a_fault_is_an_answer() {
     assert!(err.contains("line 2"), "{err}");
 }
 
-/// The Python sanitizer, built by `make python-plugins` (which `make test` runs) with
-/// componentize-py, through the same harness.
-#[test]
-fn the_python_sanitizer_passes_its_case_file() {
-    let component = root().join("target/plugins/prompt-guard-py.wasm");
+/// A plugin built outside cargo (`make python-plugins`, `make js-plugins`; `make test` runs
+/// both) with the limits a deployment gives it, and a runtime for it.
+fn built(
+    name: &str,
+    slot: Slot,
+    config: String,
+    limits: Limits,
+) -> Vec<warden::plugins::CaseOutcome> {
+    let component = root().join(format!("target/plugins/{name}.wasm"));
     assert!(
         component.is_file(),
-        "target/plugins/prompt-guard-py.wasm is missing: run `make python-plugins` (make test does)"
+        "target/plugins/{name}.wasm is missing: run `make python-plugins js-plugins` (make test does)"
     );
-    let limits = Limits {
-        memory_bytes: 64 << 20,
-        deadline: std::time::Duration::from_secs(1),
-        ..Limits::default()
-    };
-    let source = PluginSource::from_file(Slot::Sanitizer, &component, None, "{}".into(), limits)
-        .expect("component");
+    let source =
+        PluginSource::from_file(slot, &component, None, config, limits).expect("component");
     let runtime = Runtime::builder()
         .instances(8)
         .call_threads(1)
         .build()
         .expect("runtime");
-    let outcomes = run_cases(&runtime, &source, &cases_of("prompt-guard-py")).expect("cases run");
-    assert!(outcomes.len() >= 6);
-    for o in &outcomes {
+    run_cases(&runtime, &source, &cases_of(name)).expect("cases run")
+}
+
+fn assert_all_pass(name: &str, outcomes: &[warden::plugins::CaseOutcome], at_least: usize) {
+    assert!(
+        outcomes.len() >= at_least,
+        "{name}: {} cases",
+        outcomes.len()
+    );
+    for o in outcomes {
         assert!(
             o.passed,
-            "{}: expected {} answered {}",
+            "{name}: {}: expected {} answered {}",
             o.name, o.expected, o.answer
         );
     }
+}
+
+/// The Python sanitizer (componentize-py) through the same harness.
+#[test]
+fn the_python_sanitizer_passes_its_case_file() {
+    let limits = Limits {
+        memory_bytes: 64 << 20,
+        deadline: std::time::Duration::from_secs(1),
+        ..Limits::default()
+    };
+    let outcomes = built("prompt-guard-py", Slot::Sanitizer, "{}".into(), limits);
+    assert_all_pass("prompt-guard-py", &outcomes, 6);
+}
+
+/// The JavaScript JWT auth plugin (componentize-js) through the same harness, with the
+/// auth slot's default memory cap: signature, algorithm, expiry, issuer, audience, scopes.
+#[test]
+fn the_javascript_jwt_auth_passes_its_case_file() {
+    let config = std::fs::read_to_string(root().join("plugins/jwt-auth-js/tests/config.json"))
+        .expect("config");
+    let limits = Limits {
+        deadline: std::time::Duration::from_secs(1),
+        ..Limits::default()
+    };
+    let outcomes = built("jwt-auth-js", Slot::Auth, config, limits);
+    assert_all_pass("jwt-auth-js", &outcomes, 20);
 }

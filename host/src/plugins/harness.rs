@@ -10,7 +10,7 @@
 //!
 //! | slot | ask | answer |
 //! |---|---|---|
-//! | auth | `"request": {"method", "path", "headers": {"name": "value"}}` | `{"principal": {"id", "tenant", "scopes"}}` or `{"refusal": {"status", "code", "message"}}` |
+//! | auth | `"request": {"method", "path", "headers": {"name": "value" or ["value", ...]}}` | `{"principal": {"id", "tenant", "scopes"}}` or `{"refusal": {"status", "code", "message"}}` |
 //! | sanitizer | `"input": {"kind": "chat" \| "completion" \| "embeddings", "texts": […] \| "messages": [{"role", "content"}]}` | `{"pass": true}`, `{"rewrite": {"texts" \| "messages"}}` or `{"refusal": …}` |
 //! | sanitizer | `"output": {"kind", "chunks": […]}` | `{"released": "the whole text", "pieces": […]}` or `{"refusal": …}` |
 //! | metrics-policy | `"summary": {"route", "model", "status", "tenant"}` | `{"labels": {"name": "value"}}` |
@@ -222,11 +222,22 @@ fn request(case: &Map<String, Value>, rid: &Arc<str>) -> Result<RequestMeta, Str
     };
     let headers = match r.get("headers") {
         None => Vec::new(),
+        // A list of values is a header sent several times, in that order.
         Some(Value::Object(h)) => h
             .iter()
-            .map(|(k, v)| (k.to_ascii_lowercase(), v.as_str().unwrap_or("").to_string()))
+            .flat_map(|(k, v)| {
+                let values = match v {
+                    Value::Array(values) => values.iter().collect(),
+                    v => vec![v],
+                };
+                values
+                    .into_iter()
+                    .map(|v| (k.to_ascii_lowercase(), v.as_str().unwrap_or("").to_string()))
+            })
             .collect(),
-        Some(_) => return Err("`headers` is an object of names and values".into()),
+        Some(_) => {
+            return Err("`headers` is an object of names and values (or lists of them)".into());
+        }
     };
     Ok(RequestMeta {
         request_id: rid.clone(),

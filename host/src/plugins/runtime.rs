@@ -39,8 +39,12 @@ pub const MAX_MEMORY_BYTES: usize = 256 << 20;
 /// Where the kernel has `PAGEMAP_SCAN` (Linux 6.7+), only the pages the instance wrote are
 /// reset, and no `madvise` (with its TLB-shootdown IPIs) is needed at all for a plugin that
 /// writes less than this: `configure` 7–10 → 0.4–1.5 µs, teardown 9 → 2.4 µs per slot.
-/// Costs at most this much per pool slot ever used (a few MiB at the server's concurrency).
-const KEEP_RESIDENT: usize = 128 << 10;
+/// A JavaScript or Python plugin writes megabytes of its runtime's heap per request: at
+/// 128 KiB its pages faulted back in on every instance (the JWT plugin's `configure` 500 →
+/// 300 µs at 8 MiB). What a slot keeps is what its plugins wrote, at most this much, and
+/// only slots that were ever used: a few MiB for a Rust plugin set at the server's
+/// concurrency, up to 8 MiB per concurrent request for a JavaScript or Python one.
+const KEEP_RESIDENT: usize = 8 << 20;
 
 /// Plugin calls waiting for a plugin thread; beyond this a call fails as `unavailable`.
 const CALL_QUEUE: usize = 1024;
@@ -246,6 +250,17 @@ impl Runtime {
             .memory_reservation(4 << 30)
             .memory_guard_size(32 << 20)
             .memory_reservation_for_growth(0);
+        // For profiling plugins with `perf`: WARDEN_WASM_PROFILER=perfmap names the
+        // compiled guest functions in /tmp/perf-PID.map (jitdump for `perf inject`).
+        match std::env::var("WARDEN_WASM_PROFILER").as_deref() {
+            Ok("perfmap") => {
+                config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+            }
+            Ok("jitdump") => {
+                config.profiler(wasmtime::ProfilingStrategy::JitDump);
+            }
+            _ => {}
+        }
         let engine = Engine::new(&config)?;
         let mut linker = Linker::new(&engine);
         super::wasi::add_to_linker(&mut linker)?;

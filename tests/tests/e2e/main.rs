@@ -11,6 +11,7 @@ mod embeddings;
 mod faults;
 mod generation;
 mod hostile;
+mod jwt_auth;
 mod metrics;
 mod openai_client;
 mod parsing;
