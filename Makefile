@@ -152,7 +152,7 @@ bench-swap: plugins
 
 ## What the policy plugins cost one request: per slot and phase in-process, the chain a
 ## short completion makes, and GET /v1/models against GET /health over HTTP.
-bench-plugins: models plugins
+bench-plugins: models plugins python-plugins js-plugins
 	$(CARGO) build --release --locked -p warden --bin warden --example bench_plugins
 	./target/release/examples/bench_plugins $(PLUGIN_DIR) 2000 target/release/warden $(MODELS_DIR)
 

@@ -12,7 +12,11 @@
 //!    runtime as in the server: the host time plugins add to one request;
 //! 3. **HTTP** (with `WARDEN_BIN` and `MODELS_DIR`): `warden serve` started on a free port,
 //!    `GET /health` (no plugin) and `GET /v1/models` (auth and metrics labels) one after
-//!    the other on one kept-alive connection.
+//!    the other on one kept-alive connection;
+//! 4. **other languages** (when `PLUGIN_DIR` holds them: `make js-plugins python-plugins`):
+//!    the JavaScript JWT auth plugin and the Python prompt-guard sanitizer in place of the
+//!    Rust ones, their sizes, load (compile) times and the same phases, a tenth of the
+//!    rounds (they cost milliseconds).
 //!
 //! Prints a table (p50 and p99 in µs) and one JSON object per figure.
 
@@ -173,6 +177,88 @@ async fn http(bin: &str, models: &str, plugins: &str, rounds: usize) {
     let _ = child.wait();
 }
 
+/// The JavaScript auth and Python sanitizer (with the Rust metrics policy), if built.
+fn other_languages(dir: &Path, rounds: usize) {
+    let (js, py) = (
+        dir.join("jwt-auth-js.wasm"),
+        dir.join("prompt-guard-py.wasm"),
+    );
+    if !js.is_file() || !py.is_file() {
+        println!("(no jwt-auth-js.wasm or prompt-guard-py.wasm in the plugin directory: skipped)");
+        return;
+    }
+    for path in [&js, &py] {
+        let bytes = std::fs::metadata(path).expect("component").len();
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        println!("size    {name:<38} {bytes:>9} bytes");
+        eprintln!(
+            "{}",
+            json!({"group": "size", "plugin": name, "bytes": bytes})
+        );
+    }
+    // The JWT plugin's test configuration, and its first case's token (valid until 2100).
+    let tests = Path::new("plugins/jwt-auth-js/tests");
+    let config = std::fs::read_to_string(tests.join("config.json")).expect("jwt config");
+    let cases = std::fs::read_to_string(tests.join("cases.jsonl")).expect("jwt cases");
+    let first: serde_json::Value = cases
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .and_then(|l| serde_json::from_str(l).ok())
+        .expect("a case");
+    let authorization = first["request"]["headers"]["authorization"]
+        .as_str()
+        .expect("a token")
+        .to_string();
+    let limits = Limits {
+        deadline: Duration::from_secs(1),
+        memory_bytes: 64 << 20,
+        ..Limits::default()
+    };
+    let from = |slot, path: &Path, config: String| {
+        PluginSource::from_file(slot, path, None, config, limits).expect("component")
+    };
+    let runtime = warden::plugins::Runtime::builder()
+        .build()
+        .expect("plugin runtime");
+    let started = Instant::now();
+    let set = PluginSet::load(
+        &runtime,
+        &from(Slot::Auth, &js, config),
+        &from(Slot::Sanitizer, &py, "{}".into()),
+        &source(
+            dir,
+            Slot::MetricsPolicy,
+            "metrics-policy-basic",
+            "{}".into(),
+        ),
+        Arc::new(Metrics::new()),
+        None,
+    )
+    .expect("plugins load");
+    let load = started.elapsed().as_secs_f64();
+    println!("load    jwt-auth-js + prompt-guard-py (compile, check, smoke) {load:>9.2} s");
+    eprintln!(
+        "{}",
+        json!({"group": "load", "plugin": "jwt-auth-js+prompt-guard-py", "s": load})
+    );
+    let req = ProfileRequest {
+        authorization,
+        ..request()
+    };
+    let rounds = (rounds / 10).max(10);
+    set.profile_phases(&req, rounds / 10);
+    for p in set.profile_phases(&req, rounds) {
+        let lang = if p.slot == "auth" {
+            "js auth"
+        } else if p.slot == "sanitizer" {
+            "py sanitizer"
+        } else {
+            p.slot
+        };
+        report("lang", lang, p.phase, p.samples);
+    }
+}
+
 fn main() {
     let mut args = std::env::args().skip(1);
     let dir = PathBuf::from(args.next().expect("PLUGIN_DIR"));
@@ -269,4 +355,5 @@ fn main() {
             http(bin, models, &dir.to_string_lossy(), rounds).await;
         }
     });
+    other_languages(&dir, rounds);
 }

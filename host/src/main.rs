@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 use warden::plugins::{Limits, PluginSource, Slot};
+use warden::scaffold::Lang;
 
 /// jemalloc, which hands freed memory back to the system (after two seconds, set in
 /// `.cargo/config.toml`) where glibc's per-thread arenas kept hundreds of MiB after a burst
@@ -72,8 +73,8 @@ enum PluginCommand {
         /// Where to write it [default: ./NAME].
         #[arg(long)]
         dir: Option<PathBuf>,
-        /// The language: rust, or python (componentize-py).
-        #[arg(long, default_value = "rust", value_parser = ["rust", "python"])]
+        /// The language: rust, python (componentize-py) or js (componentize-js).
+        #[arg(long, default_value = "rust", value_parser = Lang::NAMES)]
         lang: String,
     },
     /// Run test cases (JSON lines) through the plugin on the real runtime, with its slot's
@@ -169,41 +170,17 @@ fn main() -> ExitCode {
             lang,
         }) => {
             let dir = dir.unwrap_or_else(|| PathBuf::from(&name));
-            if lang == "python" {
-                return match warden::scaffold::new_python(&dir, &name, slot) {
-                    Ok(files) => {
-                        println!(
-                            "wrote a {slot} plugin `{name}` in Python ({} files); next:",
-                            files.len()
-                        );
-                        println!("  cd {} && sh build.sh", dir.display());
-                        println!(
-                            "  warden plugin test {name}.wasm --slot {slot} --memory-mib 64 --deadline-ms 1000 \\"
-                        );
-                        println!(
-                            "    --config \"$(cat tests/config.json)\" --cases tests/cases.jsonl"
-                        );
-                        ExitCode::SUCCESS
-                    }
-                    Err(e) => {
-                        eprintln!("error: {e}");
-                        ExitCode::from(2)
-                    }
-                };
-            }
-            match warden::scaffold::new_rust(&dir, &name, slot) {
-                Ok(files) => {
+            let lang = Lang::from_name(&lang).unwrap_or(Lang::Rust);
+            match warden::scaffold::new(&dir, &name, slot, lang) {
+                Ok(project) => {
                     println!(
-                        "wrote a {slot} plugin `{name}` ({} files); next:",
-                        files.len()
+                        "wrote the {slot} plugin `{name}` ({} files); next:",
+                        project.files.len()
                     );
                     println!("  cd {}", dir.display());
-                    println!("  cargo build --release --target wasm32-wasip2");
-                    println!(
-                        "  warden plugin test target/wasm32-wasip2/release/{}.wasm --slot {slot} \\",
-                        name.replace('-', "_")
-                    );
-                    println!("    --config \"$(cat tests/config.json)\" --cases tests/cases.jsonl");
+                    for step in &project.steps {
+                        println!("  {}", step.replace('\n', "\n  "));
+                    }
                     ExitCode::SUCCESS
                 }
                 Err(e) => {

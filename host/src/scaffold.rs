@@ -1,6 +1,7 @@
 //! `warden plugin new`: a plugin project that builds on the first try, outside any
-//! workspace, with a passing test case, in Rust or Python. The Python project carries the
-//! WIT and a `build.sh` for componentize-py. The Rust project depends on a copy of the
+//! workspace, with a passing test case, in Rust, Python or JavaScript. The Python project
+//! carries the WIT and a `build.sh` for componentize-py; the JavaScript one the WIT and a
+//! `package.json` for componentize-js. The Rust project depends on a copy of the
 //! `warden-policy` SDK vendored into it (`vendor/warden-sdk`, the same sources as this
 //! binary's `sdk/`), so it needs nothing but crates.io and the `wasm32-wasip2` target.
 
@@ -135,16 +136,109 @@ fn template(slot: Slot) -> (&'static str, &'static str, &'static str) {
     }
 }
 
-fn readme(name: &str, slot: Slot) -> String {
-    let file = name.replace('-', "_");
+/// A project's README: what it is and the commands that build and test it.
+fn readme(name: &str, slot: Slot, lang: Lang, steps: &[String]) -> String {
     format!(
-        "# {name}\n\nA Warden {slot} plugin, made by `warden plugin new`.\n\n```sh\n\
-         rustup target add wasm32-wasip2\n\
-         cargo build --release --target wasm32-wasip2\n\
-         warden plugin test target/wasm32-wasip2/release/{file}.wasm --slot {slot} \\\n  \
-         --config \"$(cat tests/config.json)\" --cases tests/cases.jsonl\n```\n\n\
-         Then put it live: see Warden's docs/plugins.md.\n"
+        "# {name}\n\nA Warden {slot} plugin in {}, made by `warden plugin new`.\n\n\
+         ```sh\n{}\n```\n\nThen put it live: see Warden's docs/plugins.md.\n",
+        lang.title(),
+        steps.join("\n")
     )
+}
+
+/// The languages a project can be written in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lang {
+    /// Rust, on the vendored `warden-policy` SDK.
+    Rust,
+    /// Python, built with componentize-py.
+    Python,
+    /// JavaScript, built with componentize-js.
+    Js,
+}
+
+impl Lang {
+    /// The names `--lang` takes.
+    pub const NAMES: [&'static str; 3] = ["rust", "python", "js"];
+
+    /// The language named `name` (one of [`Lang::NAMES`]).
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "rust" => Some(Self::Rust),
+            "python" => Some(Self::Python),
+            "js" => Some(Self::Js),
+            _ => None,
+        }
+    }
+
+    fn title(self) -> &'static str {
+        match self {
+            Self::Rust => "Rust",
+            Self::Python => "Python",
+            Self::Js => "JavaScript",
+        }
+    }
+}
+
+/// A project written by [`new`].
+#[derive(Debug, Clone)]
+pub struct Project {
+    /// The files written, relative to the project directory.
+    pub files: Vec<PathBuf>,
+    /// The component its build writes, relative to the project directory.
+    pub component: PathBuf,
+    /// The shell commands, run in the project directory, that build it and run its cases.
+    pub steps: Vec<String>,
+}
+
+/// Write a new plugin project for `slot` named `name` in `lang` into `dir` (which must not
+/// exist, or be empty).
+pub fn new(dir: &Path, name: &str, slot: Slot, lang: Lang) -> Result<Project, String> {
+    check_target(dir, name)?;
+    let component = match lang {
+        Lang::Rust => PathBuf::from(format!(
+            "target/wasm32-wasip2/release/{}.wasm",
+            name.replace('-', "_")
+        )),
+        Lang::Python | Lang::Js => PathBuf::from(format!("{name}.wasm")),
+    };
+    let test = |bounds: &str| {
+        format!(
+            "warden plugin test {} --slot {slot}{bounds} \\\n  \
+             --config \"$(cat tests/config.json)\" --cases tests/cases.jsonl",
+            component.display()
+        )
+    };
+    let steps = match lang {
+        Lang::Rust => vec![
+            "rustup target add wasm32-wasip2".into(),
+            "cargo build --release --target wasm32-wasip2".into(),
+            test(""),
+        ],
+        // CPython's heap needs more than the default 16 MiB.
+        Lang::Python => vec![
+            "pip install componentize-py==0.25.1".into(),
+            "sh build.sh".into(),
+            test(" --memory-mib 64"),
+        ],
+        Lang::Js => vec!["npm install".into(), "npm run build".into(), test("")],
+    };
+    let (source, config, cases) = template(slot);
+    let mut files: Vec<(PathBuf, String)> = vec![
+        ("tests/config.json".into(), config.to_string()),
+        ("tests/cases.jsonl".into(), cases.to_string()),
+        ("README.md".into(), readme(name, slot, lang, &steps)),
+    ];
+    match lang {
+        Lang::Rust => rust_files(name, source, &mut files),
+        Lang::Python => python_files(name, slot, &mut files),
+        Lang::Js => js_files(name, slot, &mut files),
+    }
+    Ok(Project {
+        files: write_all(dir, files)?,
+        component,
+        steps,
+    })
 }
 
 /// Whether `name` can be a crate and a plugin name: lower-case letters, digits and `-`,
@@ -157,7 +251,7 @@ fn valid_name(name: &str) -> bool {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
 }
 
-/// The WIT files vendored into a Python project (`wit/`).
+/// The WIT files vendored into a Python or JavaScript project (`wit/`).
 fn wit_files() -> impl Iterator<Item = (&'static str, &'static str)> {
     SDK.iter()
         .filter_map(|(path, text)| Some((path.strip_prefix("rust/wit/0.1.0/")?, *text)))
@@ -176,50 +270,64 @@ fn python_build(name: &str, slot: Slot) -> String {
     )
 }
 
-/// Write a new Python plugin project for `slot` named `name` into `dir`, built with
-/// componentize-py by its `build.sh`. Returns the files written, relative to `dir`.
-pub fn new_python(dir: &Path, name: &str, slot: Slot) -> Result<Vec<PathBuf>, String> {
-    check_target(dir, name)?;
-    let (_, config, cases) = template(slot);
-    let mut files: Vec<(PathBuf, String)> = vec![
-        ("build.sh".into(), python_build(name, slot)),
-        ("tests/config.json".into(), config.to_string()),
-        ("tests/cases.jsonl".into(), cases.to_string()),
-        (".gitignore".into(), "/build\n*.wasm\n".into()),
-        (
-            "README.md".into(),
-            format!(
-                "# {name}\n\nA Warden {slot} plugin in Python, made by `warden plugin new`.\n\n\
-                 ```sh\npip install componentize-py==0.25.1\nsh build.sh\n\
-                 warden plugin test {name}.wasm --slot {slot} --memory-mib 64 --deadline-ms 1000 \\\n  \
-                 --config \"$(cat tests/config.json)\" --cases tests/cases.jsonl\n```\n"
+/// A Python project's files: its sources, the WIT and `build.sh` for componentize-py.
+fn python_files(name: &str, slot: Slot, files: &mut Vec<(PathBuf, String)>) {
+    files.push(("build.sh".into(), python_build(name, slot)));
+    files.push((".gitignore".into(), "/build\n*.wasm\n".into()));
+    let sources: &[(&str, &str)] = match slot {
+        Slot::Auth => &[("app.py", include_str!("scaffold/python/auth.py"))],
+        Slot::Sanitizer => &[
+            ("app.py", include_str!("scaffold/python/sanitizer_app.py")),
+            (
+                "sanitizer.py",
+                include_str!("scaffold/python/sanitizer_filter.py"),
             ),
-        ),
-    ];
-    match slot {
-        Slot::Auth => files.push((
-            "src/app.py".into(),
-            include_str!("scaffold/python/auth.py").into(),
-        )),
-        Slot::Sanitizer => {
-            files.push((
-                "src/app.py".into(),
-                include_str!("scaffold/python/sanitizer_app.py").into(),
-            ));
-            files.push((
-                "src/sanitizer.py".into(),
-                include_str!("scaffold/python/sanitizer_filter.py").into(),
-            ));
-        }
-        Slot::MetricsPolicy => files.push((
-            "src/app.py".into(),
-            include_str!("scaffold/python/metrics.py").into(),
-        )),
+        ],
+        Slot::MetricsPolicy => &[("app.py", include_str!("scaffold/python/metrics.py"))],
+    };
+    for (file, text) in sources {
+        files.push((Path::new("src").join(file), text.to_string()));
     }
     for (file, text) in wit_files() {
         files.push((Path::new("wit").join(file), text.to_string()));
     }
-    write_all(dir, files)
+}
+
+/// A JavaScript project's `package.json`: componentize-js, pinned, and the build.
+fn js_manifest(name: &str, slot: Slot) -> String {
+    let world = slot.world();
+    format!(
+        r#"{{
+  "name": "{name}",
+  "version": "0.1.0",
+  "private": true,
+  "type": "module",
+  "scripts": {{
+    "build": "componentize-js src/app.js --wit wit --world-name {world} --disable http fetch-event -o {name}.wasm"
+  }},
+  "devDependencies": {{
+    "@bytecodealliance/componentize-js": "0.23.0",
+    "@bytecodealliance/preview2-shim": "0.25.0"
+  }},
+  "comment": "componentize-js 0.23.0 imports preview2-shim without declaring it, hence the second entry. --disable drops the WASI imports Warden does not grant (outbound HTTP)."
+}}
+"#
+    )
+}
+
+/// A JavaScript project's files: its source, the WIT and `package.json`.
+fn js_files(name: &str, slot: Slot, files: &mut Vec<(PathBuf, String)>) {
+    files.push(("package.json".into(), js_manifest(name, slot)));
+    files.push((".gitignore".into(), "/node_modules\n*.wasm\n".into()));
+    let source = match slot {
+        Slot::Auth => include_str!("scaffold/js/auth.js"),
+        Slot::Sanitizer => include_str!("scaffold/js/sanitizer.js"),
+        Slot::MetricsPolicy => include_str!("scaffold/js/metrics.js"),
+    };
+    files.push(("src/app.js".into(), source.to_string()));
+    for (file, text) in wit_files() {
+        files.push((Path::new("wit").join(file), text.to_string()));
+    }
 }
 
 /// A name and a directory a project may be written to.
@@ -252,19 +360,11 @@ fn write_all(dir: &Path, files: Vec<(PathBuf, String)>) -> Result<Vec<PathBuf>, 
     Ok(written)
 }
 
-/// Write a new Rust plugin project for `slot` named `name` into `dir` (which must not
-/// exist, or be empty). Returns the files written, relative to `dir`.
-pub fn new_rust(dir: &Path, name: &str, slot: Slot) -> Result<Vec<PathBuf>, String> {
-    check_target(dir, name)?;
-    let (source, config, cases) = template(slot);
-    let mut files: Vec<(PathBuf, String)> = vec![
-        ("Cargo.toml".into(), manifest(name)),
-        ("src/lib.rs".into(), source.to_string()),
-        ("tests/config.json".into(), config.to_string()),
-        ("tests/cases.jsonl".into(), cases.to_string()),
-        ("README.md".into(), readme(name, slot)),
-        (".gitignore".into(), "/target\n".into()),
-    ];
+/// A Rust project's files: its manifest, its source and the vendored SDK.
+fn rust_files(name: &str, source: &str, files: &mut Vec<(PathBuf, String)>) {
+    files.push(("Cargo.toml".into(), manifest(name)));
+    files.push(("src/lib.rs".into(), source.to_string()));
+    files.push((".gitignore".into(), "/target\n".into()));
     for (path, text) in SDK {
         files.push((Path::new("vendor/warden-sdk").join(path), text.to_string()));
     }
@@ -276,7 +376,6 @@ pub fn new_rust(dir: &Path, name: &str, slot: Slot) -> Result<Vec<PathBuf>, Stri
             bindings_manifest(crate_dir),
         ));
     }
-    write_all(dir, files)
 }
 
 #[cfg(test)]
@@ -295,7 +394,9 @@ mod tests {
     fn a_project_is_written_once_with_the_vendored_sdk() {
         let dir = tempfile::tempdir().unwrap();
         let project = dir.path().join("p");
-        let files = new_rust(&project, "my-auth", Slot::Auth).unwrap();
+        let files = new(&project, "my-auth", Slot::Auth, Lang::Rust)
+            .unwrap()
+            .files;
         assert!(
             files
                 .iter()
@@ -306,7 +407,7 @@ mod tests {
         let source = std::fs::read_to_string(project.join("src/lib.rs")).unwrap();
         assert!(source.contains("export_auth!"));
         assert!(
-            new_rust(&project, "my-auth", Slot::Auth).is_err(),
+            new(&project, "my-auth", Slot::Auth, Lang::Rust).is_err(),
             "not over itself"
         );
     }
