@@ -208,7 +208,7 @@ monitoring: promtool
 	$(PYTHON) -m json.tool docs/monitoring/grafana-dashboard.json >/dev/null
 
 ## Everything: lints, unit tests, plugin tests, end-to-end tests with real models.
-test: wasm-target models venv python-plugins js-plugins promtool monitoring lint secret-scan
+test: wasm-target models venv plugins python-plugins js-plugins promtool monitoring lint secret-scan
 	WARDEN_TEST_PYTHON=$(CURDIR)/.venv/bin/python WARDEN_MODELS_DIR=$(CURDIR)/$(MODELS_DIR) \
 		$(CARGO) test --workspace --locked
 
