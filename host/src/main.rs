@@ -78,7 +78,8 @@ enum PluginCommand {
         lang: String,
     },
     /// Run test cases (JSON lines) through the plugin on the real runtime, with its slot's
-    /// limits: PASS or FAIL per case, with the time of each phase and the memory it took.
+    /// limits: PASS or FAIL per case, with the time and the WebAssembly instructions of each
+    /// phase and the memory it took.
     /// Exit status 0 only if every case passes.
     Test {
         #[command(flatten)]
@@ -253,15 +254,19 @@ fn read(file: &std::path::Path) -> Result<Vec<u8>, String> {
 
 /// The plugin runtime of one CLI command: the server's settings, with room for a few
 /// instances and one plugin thread.
-fn cli_runtime() -> Result<std::sync::Arc<warden::plugins::Runtime>, String> {
+/// A small runtime for the tool commands; `metered` counts instructions (`plugin test`),
+/// otherwise it runs guests as the server does (`plugin check`).
+fn cli_runtime(metered: bool) -> Result<std::sync::Arc<warden::plugins::Runtime>, String> {
     warden::plugins::Runtime::builder()
         .instances(16)
         .call_threads(1)
+        .metered(metered)
         .build()
 }
 
 fn inspect(file: &std::path::Path, json: bool) -> ExitCode {
-    let report = read(file).and_then(|bytes| warden::plugins::inspect(&*cli_runtime()?, &bytes));
+    let report =
+        read(file).and_then(|bytes| warden::plugins::inspect(&*cli_runtime(false)?, &bytes));
     let report = match report {
         Ok(r) => r,
         Err(e) => {
@@ -331,7 +336,7 @@ fn test(
     };
     let outcomes = PluginSource::from_file(slot, file, None, config, limits)
         .map_err(|e| e.to_string())
-        .and_then(|source| warden::plugins::run_cases(&cli_runtime()?, &source, &text));
+        .and_then(|source| warden::plugins::run_cases(&cli_runtime(true)?, &source, &text));
     let outcomes = match outcomes {
         Ok(o) => o,
         Err(e) => {
@@ -345,13 +350,16 @@ fn test(
             println!("{}", serde_json::to_string(o).unwrap_or_default());
             continue;
         }
+        let instructions = |n: Option<u64>| n.map_or_else(String::new, |n| format!(", {n} instr."));
         println!(
-            "{} {}  (instantiate {:.1} µs, configure {:.1} µs, call {:.1} µs, memory {} KiB)",
+            "{} {}  (instantiate {:.1} µs, configure {:.1} µs{}, call {:.1} µs{}, memory {} KiB)",
             if o.passed { "PASS" } else { "FAIL" },
             o.name,
             o.instantiate_us,
             o.configure_us,
+            instructions(o.configure_instructions),
             o.call_us,
+            instructions(o.call_instructions),
             o.peak_memory_bytes >> 10
         );
         if !o.passed {
@@ -382,7 +390,7 @@ fn check(
     }
     let source = PluginSource::from_file(slot, file, sha256, config, limits);
     let checked = source.and_then(|s| {
-        let runtime = cli_runtime().map_err(warden::plugins::LoadError::Runtime)?;
+        let runtime = cli_runtime(false).map_err(warden::plugins::LoadError::Runtime)?;
         warden::plugins::check(&runtime, &s)
     });
     match checked {

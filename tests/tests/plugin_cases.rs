@@ -137,3 +137,47 @@ fn the_javascript_jwt_auth_passes_its_case_file() {
     let outcomes = built("jwt-auth-js", Slot::Auth, config, limits);
     assert_all_pass("jwt-auth-js", &outcomes, 20);
 }
+
+/// On a metered runtime (as `warden plugin test` runs) each case reports the WebAssembly
+/// instructions its `configure` and calls executed: the same on every run, and more for a
+/// request that does more work.
+#[test]
+fn a_metered_run_counts_the_same_instructions_every_time() {
+    let dir = root().join("plugins/auth-api-key/tests");
+    let config = std::fs::read_to_string(dir.join("config.json")).expect("config");
+    let path = PathBuf::from(PLUGIN_DIR).join("auth-api-key.wasm");
+    let source = PluginSource::from_file(Slot::Auth, &path, None, config, Limits::default())
+        .expect("component");
+    let runtime = Runtime::builder()
+        .instances(8)
+        .call_threads(1)
+        .metered(true)
+        .build()
+        .expect("runtime");
+    let cases = cases_of("auth-api-key");
+    let first = run_cases(&runtime, &source, &cases).expect("cases run");
+    let second = run_cases(&runtime, &source, &cases).expect("cases run");
+    for (a, b) in first.iter().zip(&second) {
+        assert!(a.call_instructions.is_some_and(|n| n > 0), "{}", a.name);
+        assert!(
+            a.configure_instructions.is_some_and(|n| n > 0),
+            "{}",
+            a.name
+        );
+        assert_eq!(a.call_instructions, b.call_instructions, "{}", a.name);
+    }
+    let by_name = |name: &str| {
+        first
+            .iter()
+            .find(|o| o.name.contains(name))
+            .and_then(|o| o.call_instructions)
+            .expect(name)
+    };
+    // Hashing and comparing a key costs more than finding no header.
+    assert!(by_name("is its principal") > by_name("no header"));
+
+    // Unmetered (as the server runs), nothing is counted.
+    let (runtime, source) = load("auth-api-key", Slot::Auth, "{\"keys\": []}".into());
+    let plain = run_cases(&runtime, &source, &cases).expect("cases run");
+    assert!(plain.iter().all(|o| o.call_instructions.is_none()));
+}

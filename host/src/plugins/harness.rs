@@ -53,6 +53,28 @@ pub struct CaseOutcome {
     pub call_us: f64,
     /// The most linear memory the instance asked for, in bytes.
     pub peak_memory_bytes: usize,
+    /// WebAssembly instructions `configure` executed (fuel units), on a metered runtime
+    /// ([`RuntimeBuilder::metered`](super::RuntimeBuilder::metered)).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub configure_instructions: Option<u64>,
+    /// WebAssembly instructions the case's calls executed, on a metered runtime.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub call_instructions: Option<u64>,
+}
+
+/// What an instance took: its peak memory and, metered, the instructions it executed.
+struct Spent {
+    peak: usize,
+    instructions: Option<u64>,
+}
+
+impl Spent {
+    fn of(store: &wasmtime::Store<PluginState>) -> Self {
+        Self {
+            peak: store.data().memory.peak,
+            instructions: Runtime::instructions(store),
+        }
+    }
 }
 
 /// Faults are reported in the answers, not logged.
@@ -99,12 +121,16 @@ pub fn run_cases(
                     Ok(Err(r)) => refusal_json(&r),
                     Err(f) => fault_json(&f),
                 };
-                Ok((answer, store.data().memory.peak))
+                Ok((answer, Spent::of(&store)))
             }),
             AnyLoaded::Sanitizer(p) => fresh(p, &rid, |store, instance| {
                 let mut session = SessionInner::new(rid.clone(), store, instance);
                 let answer = sanitize(p, &mut session, &case).map_err(at)?;
-                Ok((answer, session.peak_memory()))
+                let spent = Spent {
+                    peak: session.peak_memory(),
+                    instructions: session.instructions(),
+                };
+                Ok((answer, spent))
             }),
             AnyLoaded::Metrics(p) => fresh(p, &rid, |mut store, instance| {
                 let answer = if let Some(summary) = case.get("summary") {
@@ -134,7 +160,7 @@ pub fn run_cases(
                         "a metrics-policy case asks with `summary` or `caller`".into()
                     ));
                 };
-                Ok((answer, store.data().memory.peak))
+                Ok((answer, Spent::of(&store)))
             }),
         }?;
         outcomes.push(CaseOutcome {
@@ -146,6 +172,8 @@ pub fn run_cases(
             configure_us: micros(run.configure),
             call_us: micros(run.call),
             peak_memory_bytes: run.peak,
+            configure_instructions: run.configure_instructions,
+            call_instructions: run.call_instructions,
         });
     }
     Ok(outcomes)
@@ -162,6 +190,8 @@ struct Run {
     configure: Duration,
     call: Duration,
     peak: usize,
+    configure_instructions: Option<u64>,
+    call_instructions: Option<u64>,
 }
 
 /// A fresh, configured instance of `plugin`, timed, handed to `call`, which answers and
@@ -169,7 +199,7 @@ struct Run {
 fn fresh<W: World>(
     plugin: &Loaded<W>,
     rid: &Arc<str>,
-    call: impl FnOnce(wasmtime::Store<PluginState>, W::Instance) -> Result<(Value, usize), String>,
+    call: impl FnOnce(wasmtime::Store<PluginState>, W::Instance) -> Result<(Value, Spent), String>,
 ) -> Result<Run, String> {
     let started = Instant::now();
     let fresh = plugin.fresh(plugin.limits, Some(rid));
@@ -183,12 +213,18 @@ fn fresh<W: World>(
                 configure: Duration::ZERO,
                 call: Duration::ZERO,
                 peak: 0,
+                configure_instructions: None,
+                call_instructions: None,
             });
         }
     };
+    // Instantiation may run start functions: count from here.
+    let before = Runtime::instructions(&store);
     let started = Instant::now();
     let configured = plugin.configure(&mut store, &instance, Some(rid));
     let configure = started.elapsed();
+    let configured_at = Runtime::instructions(&store);
+    let configure_instructions = configured_at.zip(before).map(|(a, b)| a - b);
     if let Err(e) = configured {
         return Ok(Run {
             answer: fault_json(&e.into_fault(plugin, Some(rid))),
@@ -196,16 +232,20 @@ fn fresh<W: World>(
             configure,
             call: Duration::ZERO,
             peak: store.data().memory.peak,
+            configure_instructions,
+            call_instructions: None,
         });
     }
     let started = Instant::now();
-    let (answer, peak) = call(store, instance)?;
+    let (answer, spent) = call(store, instance)?;
     Ok(Run {
         answer,
         instantiate,
         configure,
         call: started.elapsed(),
-        peak,
+        peak: spent.peak,
+        configure_instructions,
+        call_instructions: spent.instructions.zip(configured_at).map(|(a, b)| a - b),
     })
 }
 

@@ -87,6 +87,7 @@ impl Limits {
 /// plugin threads, built with [`Runtime::builder`] and shared by every plugin loaded on it.
 pub struct Runtime {
     pub(super) engine: Engine,
+    metered: bool,
     pub(super) linker: Linker<PluginState>,
     components: Mutex<HashMap<[u8; 32], Component>>,
     calls: mpsc::SyncSender<Job>,
@@ -183,6 +184,7 @@ impl std::fmt::Debug for Runtime {
 pub struct RuntimeBuilder {
     instances: u32,
     call_threads: usize,
+    metered: bool,
 }
 
 impl Default for RuntimeBuilder {
@@ -190,6 +192,7 @@ impl Default for RuntimeBuilder {
         Self {
             instances: 1000,
             call_threads: std::thread::available_parallelism().map_or(2, |n| n.get().max(2)),
+            metered: false,
         }
     }
 }
@@ -206,6 +209,14 @@ impl RuntimeBuilder {
     /// Default: one per CPU, at least two.
     pub fn call_threads(mut self, threads: usize) -> Self {
         self.call_threads = threads.max(1);
+        self
+    }
+
+    /// Count what guests execute, with wasmtime's fuel: about one unit per WebAssembly
+    /// instruction, the same on every run and machine (see [`Runtime::instructions`]). For
+    /// `warden plugin test`; the compiled code checks a counter, so never for serving.
+    pub fn metered(mut self, metered: bool) -> Self {
+        self.metered = metered;
         self
     }
 
@@ -249,7 +260,8 @@ impl Runtime {
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
             .memory_reservation(4 << 30)
             .memory_guard_size(32 << 20)
-            .memory_reservation_for_growth(0);
+            .memory_reservation_for_growth(0)
+            .consume_fuel(settings.metered);
         // For profiling plugins with `perf`: WARDEN_WASM_PROFILER=perfmap names the
         // compiled guest functions in /tmp/perf-PID.map (jitdump for `perf inject`).
         match std::env::var("WARDEN_WASM_PROFILER").as_deref() {
@@ -286,6 +298,7 @@ impl Runtime {
             .map_err(|e| wasmtime::format_err!("cannot start the plugin threads: {e}"))?;
         Ok(Self {
             engine,
+            metered: settings.metered,
             linker,
             components: Mutex::new(HashMap::new()),
             calls,
@@ -418,7 +431,17 @@ impl Runtime {
             }
         });
         store.set_epoch_deadline(1);
+        if self.metered {
+            // Never runs out: metering counts, the deadline bounds.
+            let _ = store.set_fuel(u64::MAX);
+        }
         store
+    }
+
+    /// The WebAssembly instructions (fuel units) `store` has executed, on a
+    /// [`RuntimeBuilder::metered`] runtime.
+    pub(super) fn instructions(store: &Store<PluginState>) -> Option<u64> {
+        store.get_fuel().ok().map(|left| u64::MAX - left)
     }
 }
 

@@ -142,6 +142,11 @@ impl SessionInner {
         self.store.data().memory.peak
     }
 
+    /// The instructions the session's instance has executed, on a metered runtime.
+    pub(super) fn instructions(&self) -> Option<u64> {
+        super::Runtime::instructions(&self.store)
+    }
+
     /// Count `text` as released; a filter that releases far more than it was fed is
     /// malformed.
     fn release(&mut self, plugin: &SanitizerLoaded, text: String) -> Result<String, Fault> {
