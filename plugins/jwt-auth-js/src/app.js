@@ -2,11 +2,11 @@
 // The principal is the token's `sub`, its tenant a claim, its scopes `scope` or `scp`.
 //
 // Configuration: {"secret": "...", "issuer": "...", "audience": "..."}, optionally
-// "secrets": [...] instead of "secret" during a rotation, "leeway_seconds" (30) and
-// "tenant_claim" ("tenant").
+// "secrets": [...] (current first) instead of "secret" during a rotation,
+// "leeway_seconds" (30) and "tenant_claim" ("tenant").
 
 import { log } from 'warden:policy/host@0.1.0';
-import { settings, verify, TokenError } from './jwt.js';
+import { settings, verify, TokenError, MAX_TOKEN_BYTES } from './jwt.js';
 
 let config = null;
 
@@ -32,6 +32,10 @@ export const auth = {
     const headers = request.headers.filter((header) => header.name === 'authorization');
     if (headers.length === 0) {
       throw { status: 401, code: 'missing_api_key', message: 'send a bearer token: Authorization: Bearer <JWT>' };
+    }
+    // A token too long to verify is refused before any pattern runs over it.
+    if (headers.length === 1 && headers[0].value.length > MAX_TOKEN_BYTES + 16) {
+      throw { status: 401, code: 'invalid_api_key', message: 'the token is too long' };
     }
     const match = /^bearer +(\S+) *$/i.exec(headers.length === 1 ? headers[0].value : '');
     if (match === null) {

@@ -144,8 +144,13 @@ export async function verify(token, config, now) {
 
   const signature = base64url(signaturePart);
   const signed = encoder.encode(`${headerPart}.${claimsPart}`);
+  // The current secret first: a rotation's older ones cost a digest only for old tokens.
+  // Which secret matched is no secret; each comparison is constant-time.
   let verified = false;
-  for (const key of config.keys) verified = sameBytes(await hmacSha256(key, signed), signature) || verified;
+  for (const key of config.keys) {
+    verified = sameBytes(await hmacSha256(key, signed), signature);
+    if (verified) break;
+  }
   if (!verified) throw invalid('the token\'s signature does not verify');
 
   // Claims are only read once the signature holds.
