@@ -735,6 +735,14 @@ mod tests {
         let batches = model.batches.lock().unwrap().clone();
         assert!(batches.iter().all(|&n| (2..=3).contains(&n)), "{batches:?}");
         assert!(batches.contains(&3), "no batch of three: {batches:?}");
+        // The gauge is stored after the pass that sent the last events: it returns to zero
+        // right after, not before the client reads them.
+        let waited = std::time::Instant::now();
+        while handle.stats().active.load(Ordering::Relaxed) != 0
+            && waited.elapsed() < std::time::Duration::from_secs(10)
+        {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
         assert_eq!(handle.stats().active.load(Ordering::Relaxed), 0);
     }
 
