@@ -9,6 +9,7 @@ pub mod admin;
 mod embeddings;
 mod engines;
 mod generation;
+pub mod realtime;
 mod state;
 
 use std::sync::{Arc, OnceLock};
