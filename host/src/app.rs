@@ -6,6 +6,7 @@
 //! WebSocket session would wrap it the same way.
 
 pub mod admin;
+pub mod connections;
 mod embeddings;
 mod engines;
 mod generation;
@@ -80,6 +81,18 @@ impl Flow {
             meta,
             model: Arc::new(OnceLock::new()),
         })
+    }
+
+    /// Admit the request for a principal the auth plugin already named: one event of a
+    /// Realtime session, authenticated at its upgrade, served with the plugins current now.
+    pub fn admitted_as(&self, meta: RequestMeta, principal: Principal) -> Admitted {
+        Admitted {
+            state: self.state.clone(),
+            plugins: self.plugins.clone(),
+            principal,
+            meta,
+            model: Arc::new(OnceLock::new()),
+        }
     }
 
     /// Record how the request ended: under the metrics policy's labels, or, when the

@@ -102,6 +102,15 @@ pub enum ApiError {
     /// Models or plugins are still loading.
     #[error("the server is starting; retry shortly")]
     NotReady,
+    /// A Realtime connection over the registry's limits.
+    #[error("{}", if *.per_principal { "this key holds its most Realtime connections; close one first" } else { "the server holds its most Realtime connections; retry shortly" })]
+    TooManyConnections {
+        /// Whether the caller's own limit was met (else the server's).
+        per_principal: bool,
+    },
+    /// A WebSocket route asked without an upgrade.
+    #[error("this route speaks WebSocket: send an Upgrade: websocket request")]
+    UpgradeRequired,
     /// A policy plugin faulted; the request was not processed (fail closed).
     #[error("a policy check could not be completed; the request was not processed")]
     PolicyFailure(Fault),
@@ -241,6 +250,18 @@ impl ApiError {
                 };
                 (status, kind, Some(&r.code), false)
             }
+            TooManyConnections { .. } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                Some("too_many_connections"),
+                true,
+            ),
+            UpgradeRequired => (
+                StatusCode::UPGRADE_REQUIRED,
+                "invalid_request_error",
+                Some("upgrade_required"),
+                false,
+            ),
             Busy => (
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate_limit_error",

@@ -334,7 +334,14 @@ impl Server {
             tokio::time::sleep(delay).await;
         }
         let _ = self.shutdown.send(true);
-        let all = futures_util::future::join_all(self.tasks);
+        // The listeners' connections, then the Realtime sessions, which close themselves
+        // once their response in progress is done (1001 going away).
+        let connections = self.state.connections.clone();
+        let tasks = self.tasks;
+        let all = async move {
+            futures_util::future::join_all(tasks).await;
+            connections.drained().await;
+        };
         tokio::pin!(all);
         if tokio::time::timeout(grace, &mut all).await.is_err() {
             tracing::warn!("grace period over: ending the streams still open");

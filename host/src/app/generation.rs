@@ -116,6 +116,47 @@ pub struct Generation {
 }
 
 impl Admitted {
+    /// A sanitizer session for this request, and its verdict on `input`.
+    async fn sanitize(
+        &self,
+        input: InferenceInput,
+    ) -> Result<(SanitizerSession, Checked), ApiError> {
+        let session = self
+            .plugins
+            .sanitizer_session(&self.meta.request_id)
+            .instrument(tracing::debug_span!("plugin.sanitizer"))
+            .await?;
+        let checked = session
+            .check_input(input)
+            .instrument(tracing::debug_span!("plugin.sanitizer"))
+            .await?
+            .map_err(ApiError::Refused)?;
+        Ok((session, checked))
+    }
+
+    /// The sanitizer's verdict on one chat message before it joins a conversation (a
+    /// Realtime item): the message to keep, rewritten if the plugin rewrote it, or why not.
+    pub async fn check_message(&self, message: ChatMessage) -> Result<ChatMessage, ApiError> {
+        let model = self.text_model(None)?;
+        let (_, checked) = self
+            .sanitize(InferenceInput {
+                kind: InputKind::Chat,
+                model: model.id.clone(),
+                principal: self.principal.clone(),
+                payload: Payload::Messages(vec![message]),
+                max_tokens: None,
+            })
+            .await?;
+        match checked.into_payload() {
+            Payload::Messages(mut m) if m.len() == 1 => Ok(m.remove(0)),
+            // The host holds a rewrite to the original's shape; this cannot happen.
+            _ => Err(ApiError::bad(
+                "item",
+                "the sanitizer changed the item's shape",
+            )),
+        }
+    }
+
     /// Check, prepare and queue a generation: the host's bounds (more ids than the window,
     /// or more text than the window's tokens can stand for, refused before any plugin or
     /// tokenizer runs), the sanitizer's input check, the template and tokenizer, the window
@@ -155,13 +196,8 @@ impl Admitted {
                 (Payload::Texts(vec![text]), Some(ids))
             }
         };
-        let session = self
-            .plugins
-            .sanitizer_session(&self.meta.request_id)
-            .instrument(tracing::debug_span!("plugin.sanitizer"))
-            .await?;
-        let checked = session
-            .check_input(InferenceInput {
+        let (session, checked) = self
+            .sanitize(InferenceInput {
                 kind: request.kind,
                 model: model.id.clone(),
                 principal: self.principal.clone(),
@@ -170,9 +206,7 @@ impl Admitted {
                     .max_tokens
                     .map(|n| u32::try_from(n).unwrap_or(u32::MAX)),
             })
-            .instrument(tracing::debug_span!("plugin.sanitizer"))
-            .await?
-            .map_err(ApiError::Refused)?;
+            .await?;
         let input = match (checked, ids) {
             (Checked::Unchanged(_), Some(ids)) => PromptInput::Tokens(ids),
             (checked, _) => match checked.into_payload() {

@@ -4,7 +4,7 @@
 //! feeds it text frames and sends what it returns; the generation itself goes through
 //! [`Admitted::generate`](super::Admitted::generate), under the same policies as HTTP.
 //!
-//! Not served yet: this is the protocol core the route will be built on.
+//! Served by `http/realtime.rs`.
 
 use serde_json::{Map, Value, json};
 
@@ -396,12 +396,12 @@ impl Session {
     }
 
     /// Add `item` after `previous` (`None`: at the end; `root`: at the start). Returns the
-    /// id of the item it follows, for `conversation.item.created`.
+    /// id of the item it follows, for `conversation.item.created`, and its own.
     pub fn add(
         &mut self,
         previous: Option<&str>,
         mut item: Item,
-    ) -> Result<Option<String>, EventError> {
+    ) -> Result<(Option<String>, String), EventError> {
         let held: usize = self.items.iter().map(|i| i.text.len()).sum();
         if self.items.len() >= MAX_ITEMS || held + item.text.len() > MAX_CONVERSATION_BYTES {
             return Err(refuse(
@@ -436,8 +436,9 @@ impl Session {
             }
         };
         let follows = at.checked_sub(1).map(|i| self.items[i].id.clone());
+        let id = item.id.clone();
         self.items.insert(at, item);
-        Ok(follows)
+        Ok((follows, id))
     }
 
     /// Delete the item `id`.
@@ -554,10 +555,11 @@ mod tests {
             role: Role::User,
             text: "x".into(),
         };
-        assert_eq!(s.add(None, item("a")).unwrap(), None);
-        assert_eq!(s.add(None, item("c")).unwrap().as_deref(), Some("a"));
-        assert_eq!(s.add(Some("a"), item("b")).unwrap().as_deref(), Some("a"));
-        assert_eq!(s.add(Some("root"), item("z")).unwrap(), None);
+        let follows = |r: Result<(Option<String>, String), EventError>| r.unwrap().0;
+        assert_eq!(follows(s.add(None, item("a"))), None);
+        assert_eq!(follows(s.add(None, item("c"))).as_deref(), Some("a"));
+        assert_eq!(follows(s.add(Some("a"), item("b"))).as_deref(), Some("a"));
+        assert_eq!(follows(s.add(Some("root"), item("z"))), None);
         let ids: Vec<&str> = s.items().iter().map(|i| i.id.as_str()).collect();
         assert_eq!(ids, ["z", "a", "b", "c"]);
         assert_eq!(s.add(None, item("a")).unwrap_err().code, "invalid_value");
@@ -567,12 +569,7 @@ mod tests {
         );
         s.delete("b").unwrap();
         assert_eq!(s.delete("b").unwrap_err().code, "item_not_found");
-        assert!(
-            !s.add(None, item(""))
-                .unwrap()
-                .unwrap_or_default()
-                .is_empty()
-        );
+        assert!(s.add(None, item("")).unwrap().1.starts_with("item_"));
         // Memory per connection is bounded by bytes as well as items.
         let big = |id: &str| Item {
             id: id.into(),

@@ -169,6 +169,8 @@ pub struct AppState {
     pub(crate) services: OnceLock<Services>,
     pub(crate) reloader: Reloader,
     pub(crate) phase: watch::Sender<Phase>,
+    /// The open Realtime API connections.
+    pub connections: Arc<super::connections::Connections>,
 }
 
 impl AppState {
@@ -181,6 +183,7 @@ impl AppState {
             services: OnceLock::new(),
             reloader,
             phase: watch::Sender::new(Phase::Serving),
+            connections: Arc::default(),
         })
     }
 

@@ -7,6 +7,7 @@ pub mod fuzz;
 mod generation;
 mod handlers;
 mod params;
+mod realtime;
 pub mod serve;
 mod types;
 
@@ -106,6 +107,14 @@ pub fn routes(
         .and(with_state.clone())
         .and(meta())
         .then(handlers::metrics);
+    // Without upgrade headers the route still answers, with 426 and an error body.
+    let realtime = warp::path!("v1" / "realtime")
+        .and(warp::get())
+        .and(with_state.clone())
+        .and(meta())
+        .and(warp::query::<std::collections::HashMap<String, String>>())
+        .and(warp::ws().map(Some).or(warp::any().map(|| None)).unify())
+        .then(realtime::upgrade);
     let health = warp::path!("health").and(warp::get()).map(handlers::health);
     let ready = warp::path!("ready")
         .and(warp::get())
@@ -123,6 +132,8 @@ pub fn routes(
         .or(models)
         .unify()
         .or(metrics)
+        .unify()
+        .or(realtime)
         .unify()
         .or(health)
         .unify()

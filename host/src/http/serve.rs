@@ -46,8 +46,11 @@ pub async fn serve<F, R>(
     F: Filter<Extract = (R,), Error = Infallible> + Clone + Send + Sync + 'static,
     R: Reply,
 {
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let open = Arc::new(Semaphore::new(limits.connections.max(1)));
+    // hyper's `GracefulShutdown` does not take connections that may be upgraded (the
+    // Realtime API's WebSockets), so each connection task watches `stopping` itself.
+    let (stopping, stop) = tokio::sync::watch::channel(false);
+    let slots = limits.connections.max(1);
+    let open = Arc::new(Semaphore::new(slots));
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let permit = tokio::select! {
@@ -82,10 +85,23 @@ pub async fn serve<F, R>(
             .header_read_timeout(limits.header_timeout)
             .max_header_size(limits.header_bytes)
             .max_buf_size(limits.header_bytes.max(8192) * 2);
-        let connection = builder.serve_connection(TokioIo::new(stream), hyper_service);
-        let connection = graceful.watch(connection);
+        // An upgraded connection ends here; its socket lives on in the upgrade's task,
+        // counted and drained by the Realtime API's connection registry.
+        let connection = builder
+            .serve_connection(TokioIo::new(stream), hyper_service)
+            .with_upgrades();
+        let mut stop = stop.clone();
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
+            tokio::pin!(connection);
+            let ended = tokio::select! {
+                ended = connection.as_mut() => ended,
+                () = async { drop(stop.wait_for(|s| *s).await) } => {
+                    // Finish the request in flight, then close.
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(e) = ended {
                 // A client's fault (a bad request head, a reset): not the server's.
                 tracing::debug!(error = %e, "connection ended with an error");
             }
@@ -93,5 +109,8 @@ pub async fn serve<F, R>(
         });
     }
     drop(listener);
-    graceful.shutdown().await;
+    let _ = stopping.send(true);
+    // Every connection holds a permit until it ends: all of them back means all ended.
+    let all = u32::try_from(slots).unwrap_or(u32::MAX);
+    let _ = open.acquire_many(all).await;
 }

@@ -16,6 +16,7 @@ mod metrics;
 mod openai_client;
 mod parsing;
 mod pieces;
+mod realtime;
 mod resilience;
 mod sanitizer;
 mod shutdown;
