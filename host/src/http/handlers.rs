@@ -71,7 +71,7 @@ where
     .await
 }
 
-fn with_request_id(mut response: Response, id: &str) -> Response {
+pub(super) fn with_request_id(mut response: Response, id: &str) -> Response {
     if let Ok(v) = HeaderValue::from_str(id) {
         response.headers_mut().insert(REQUEST_ID, v);
     }

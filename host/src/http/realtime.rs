@@ -40,8 +40,20 @@ const QUEUE: usize = 1024;
 /// How long a closing session waits for the client's close frame.
 const CLOSE_WAIT: Duration = Duration::from_secs(5);
 
-/// Decide the upgrade, then hand the socket to a session.
+/// Decide the upgrade, then hand the socket to a session. Every answer, the upgrade
+/// included, carries `x-request-id`, as on every other route.
 pub async fn upgrade(
+    state: Arc<AppState>,
+    meta: RequestMeta,
+    query: HashMap<String, String>,
+    ws: Option<Ws>,
+) -> Response {
+    let request_id = meta.request_id.clone();
+    let response = decide(state, meta, query, ws).await;
+    super::handlers::with_request_id(response, &request_id)
+}
+
+async fn decide(
     state: Arc<AppState>,
     meta: RequestMeta,
     query: HashMap<String, String>,

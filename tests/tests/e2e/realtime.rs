@@ -221,6 +221,7 @@ async fn the_upgrade_is_decided_as_http_is() {
     // Without upgrade headers: 426 with an error body.
     let r = t.get("/v1/realtime?model=x", Some(INFERENCE_KEY)).await;
     assert_eq!(r.error(426)["code"], "upgrade_required");
+    assert!(r.headers.contains_key("x-request-id"));
     t.server.shutdown().await;
 }
 
