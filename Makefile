@@ -14,7 +14,7 @@ OPENAI_VERSION := 2.54.0
 MINILM := $(MODELS_DIR)/all-MiniLM-L6-v2/model.safetensors
 SMOLLM := $(MODELS_DIR)/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: run build plugins python-plugins js-plugins models wasm-target venv bench-venv llama-cpp bench bench-embeddings bench-swap bench-plugins bench-memory bench-sanitizer soak overload fuzz secret-scan coverage promtool monitoring lint test fmt clean
+.PHONY: run build plugins python-plugins js-plugins models wasm-target venv bench-venv llama-cpp bench bench-embeddings bench-swap bench-plugins bench-ws bench-memory bench-sanitizer soak overload fuzz secret-scan coverage promtool monitoring lint test fmt clean
 
 ## Serve on $WARDEN_LISTEN (default 127.0.0.1:8080); honours every WARDEN_* variable.
 run: wasm-target models plugins build
@@ -155,6 +155,19 @@ bench-swap: plugins
 bench-plugins: models plugins python-plugins js-plugins
 	$(CARGO) build --release --locked -p warden --bin warden --example bench_plugins
 	./target/release/examples/bench_plugins $(PLUGIN_DIR) 2000 target/release/warden $(MODELS_DIR)
+
+## The Realtime API at scale: 10,000 WebSocket sessions against the release binary, the
+## server's memory per idle session, the round trip of a lightweight event under a steady
+## rate, and a streamed response a second beside them (exit 1 when a target is missed).
+## The open-file limit is raised to the hard limit first: each session is a descriptor in
+## the client and one in the server.
+WS_SESSIONS    ?= 10000
+WS_SECONDS     ?= 30
+WS_INTERVAL_MS ?= 5000
+bench-ws: models plugins build
+	$(CARGO) build --release --locked -p warden --example bench_ws
+	ulimit -n $$(ulimit -Hn) && ./target/release/examples/bench_ws target/release/warden \
+		$(MODELS_DIR) $(PLUGIN_DIR) $(WS_SESSIONS) $(WS_SECONDS) $(WS_INTERVAL_MS)
 
 ## 100,000 requests through the whole path; memory and the metrics size must stay flat.
 soak: models plugins

@@ -165,6 +165,35 @@ impl Default for EngineConfig {
     }
 }
 
+/// The Realtime API's WebSocket sessions (`/v1/realtime`).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RealtimeConfig {
+    /// Most sessions open at once; an upgrade past it is refused with 429.
+    pub max_connections: usize,
+    /// Most sessions one principal may hold open; past it, 429.
+    pub max_connections_per_principal: usize,
+    /// A session with no client event for this many seconds is closed (1000).
+    pub idle_timeout_secs: u64,
+    /// How often the server pings a session, in seconds.
+    pub ping_interval_secs: u64,
+    /// Server events a session may have waiting for its client; a client this far behind
+    /// is closed (1008) instead of buffered for.
+    pub max_queued_events: usize,
+}
+
+impl Default for RealtimeConfig {
+    fn default() -> Self {
+        Self {
+            max_connections: 256,
+            max_connections_per_principal: 16,
+            idle_timeout_secs: 300,
+            ping_interval_secs: 30,
+            max_queued_events: 1024,
+        }
+    }
+}
+
 /// Everything Warden needs to run.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -205,6 +234,8 @@ pub struct Config {
     pub engine: EngineConfig,
     /// Plugin slots.
     pub plugins: PluginsConfig,
+    /// Realtime API sessions.
+    pub realtime: RealtimeConfig,
     /// Admin API listen address; the admin API runs only when `admin_token` is set.
     pub admin_listen: SocketAddr,
     /// Bearer token for the admin API (at least 32 characters).
@@ -234,6 +265,7 @@ impl Default for Config {
             shutdown_delay_ms: 0,
             engine: EngineConfig::default(),
             plugins: PluginsConfig::default(),
+            realtime: RealtimeConfig::default(),
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
             admin_token: None,
             cache_dir: PathBuf::from(".warden/cache"),
@@ -370,6 +402,20 @@ impl Config {
                     .into(),
             ));
         }
+        let r = &self.realtime;
+        if r.max_connections == 0
+            || r.max_connections_per_principal == 0
+            || r.idle_timeout_secs == 0
+            || r.ping_interval_secs == 0
+            || r.max_queued_events < 16
+        {
+            return Err(ConfigError::Invalid(
+                "realtime.max_connections, realtime.max_connections_per_principal, \
+                 realtime.idle_timeout_secs and realtime.ping_interval_secs must be positive, \
+                 realtime.max_queued_events at least 16"
+                    .into(),
+            ));
+        }
         if self.text_model_id().is_empty() {
             return Err(ConfigError::Invalid(
                 "text_model must name a .gguf file".into(),
@@ -454,6 +500,7 @@ impl Config {
             self.max_connections != other.max_connections,
         );
         check("engine", self.engine != other.engine);
+        check("realtime", self.realtime != other.realtime);
         check(
             "shutdown_grace_secs",
             self.shutdown_grace_secs != other.shutdown_grace_secs,

@@ -90,6 +90,86 @@ impl ModelLabels {
     }
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabels {
+    direction: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+/// Why a Realtime session closed, for `warden_realtime_closes_total{reason}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The client closed it, or its connection went away.
+    Client,
+    /// No client event for the idle timeout.
+    Idle,
+    /// The client fell too far behind its events (1008).
+    SlowReader,
+    /// The server is shutting down (1001).
+    Shutdown,
+    /// After a change of the auth plugin, the session's credentials were refused (4001).
+    Unauthorized,
+}
+
+impl CloseReason {
+    /// Every reason, for series exported at zero.
+    pub const ALL: [Self; 5] = [
+        Self::Client,
+        Self::Idle,
+        Self::SlowReader,
+        Self::Shutdown,
+        Self::Unauthorized,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Client => "client",
+            Self::Idle => "idle",
+            Self::SlowReader => "slow_reader",
+            Self::Shutdown => "shutdown",
+            Self::Unauthorized => "unauthorized",
+        }
+    }
+}
+
+/// The Realtime API's counters, held where a session's events pass many times a second:
+/// no label lookup on that path.
+#[derive(Debug, Clone, Default)]
+pub struct RealtimeCounters {
+    /// Sessions open now.
+    pub open: Gauge,
+    /// Client events received.
+    pub events_in: Counter,
+    /// Server events sent.
+    pub events_out: Counter,
+    closes: Family<ReasonLabels, Counter>,
+}
+
+impl RealtimeCounters {
+    /// Count a session's close.
+    pub fn closed(&self, reason: CloseReason) {
+        self.closes
+            .get_or_create(&ReasonLabels {
+                reason: reason.as_str(),
+            })
+            .inc();
+    }
+
+    /// Closes counted for `reason`.
+    pub fn closes(&self, reason: CloseReason) -> u64 {
+        self.closes
+            .get(&ReasonLabels {
+                reason: reason.as_str(),
+            })
+            .map_or(0, |c| c.get())
+    }
+}
+
 /// One request's label set, as recorded.
 type RequestLabels = Vec<(String, LabelValue)>;
 
@@ -115,6 +195,8 @@ pub struct Metrics {
     queue_depth: Family<ModelLabels, Gauge>,
     queue_wait: Family<ModelLabels, Histogram>,
     queue_timeouts: Family<ModelLabels, Counter>,
+    /// The Realtime API's sessions and events.
+    pub realtime: RealtimeCounters,
     label_sets: Mutex<HashSet<RequestLabels>>,
 }
 
@@ -276,7 +358,48 @@ impl Metrics {
             "Requests that waited longer than the queue timeout and got 503, by model",
             queue_timeouts.clone(),
         );
+        let realtime = RealtimeCounters::default();
+        register(
+            &mut registry,
+            &mut families,
+            "realtime_connections",
+            "Realtime API sessions open now",
+            realtime.open.clone(),
+        );
+        let events = Family::<DirectionLabels, Counter>::default();
+        // One at a time: `get_or_create` holds the family's lock until its guard is gone.
+        let events_in = events
+            .get_or_create(&DirectionLabels { direction: "in" })
+            .clone();
+        let events_out = events
+            .get_or_create(&DirectionLabels { direction: "out" })
+            .clone();
+        register(
+            &mut registry,
+            &mut families,
+            "realtime_events",
+            "Realtime API events, by direction: `in` from clients, `out` to them",
+            events,
+        );
+        for reason in CloseReason::ALL {
+            drop(realtime.closes.get_or_create(&ReasonLabels {
+                reason: reason.as_str(),
+            }));
+        }
+        register(
+            &mut registry,
+            &mut families,
+            "realtime_closes",
+            "Realtime API sessions closed, by reason",
+            realtime.closes.clone(),
+        );
+        let realtime = RealtimeCounters {
+            events_in,
+            events_out,
+            ..realtime
+        };
         Self {
+            realtime,
             registry,
             families,
             requests,

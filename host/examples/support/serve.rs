@@ -20,8 +20,21 @@ pub struct Served {
 }
 
 impl Served {
-    /// Start `bin` and wait (up to two minutes) until it says `ready`.
+    /// Start `bin` and wait (up to two minutes) until it says `ready`. Not every benchmark
+    /// uses both constructors.
+    #[allow(dead_code)]
     pub fn start(bin: &str, models: &str, plugins: &str, key: &str) -> Served {
+        Self::start_with(bin, models, plugins, key, &[])
+    }
+
+    /// [`Served::start`] with more `WARDEN_*` settings in the environment.
+    pub fn start_with(
+        bin: &str,
+        models: &str,
+        plugins: &str,
+        key: &str,
+        env: &[(&str, &str)],
+    ) -> Served {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = dir.path().join("warden.toml");
         std::fs::write(
@@ -37,6 +50,7 @@ impl Served {
             .env("WARDEN_API_KEY", key)
             .env("WARDEN_METRICS_API_KEY", key)
             .env("RUST_LOG", "warn,warden=info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

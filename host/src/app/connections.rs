@@ -5,12 +5,10 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::watch;
 
-/// Most Realtime connections open at once.
-pub const MAX_CONNECTIONS: usize = 256;
-/// Most Realtime connections one principal may hold open.
-pub const MAX_CONNECTIONS_PER_PRINCIPAL: usize = 16;
+use crate::config::RealtimeConfig;
 
 /// Why a connection was not admitted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,22 +26,19 @@ pub struct Connections {
     max_per_principal: usize,
     per_principal: Mutex<HashMap<String, usize>>,
     open: watch::Sender<usize>,
-}
-
-impl Default for Connections {
-    fn default() -> Self {
-        Self::new(MAX_CONNECTIONS, MAX_CONNECTIONS_PER_PRINCIPAL)
-    }
+    /// `warden_realtime_connections`, kept equal to `open`.
+    gauge: Gauge,
 }
 
 impl Connections {
-    /// A registry admitting at most `max_total` connections, `max_per_principal` each.
-    pub fn new(max_total: usize, max_per_principal: usize) -> Self {
+    /// A registry with the limits of `config`, counting open connections in `gauge`.
+    pub fn new(config: &RealtimeConfig, gauge: Gauge) -> Self {
         Self {
-            max_total,
-            max_per_principal,
+            max_total: config.max_connections,
+            max_per_principal: config.max_connections_per_principal,
             per_principal: Mutex::new(HashMap::new()),
             open: watch::Sender::new(0),
+            gauge,
         }
     }
 
@@ -62,6 +57,7 @@ impl Connections {
         }
         *mine += 1;
         self.open.send_modify(|n| *n += 1);
+        self.gauge.inc();
         Ok(Guard {
             registry: self.clone(),
             principal: principal.to_string(),
@@ -101,6 +97,7 @@ impl Drop for Guard {
             }
         }
         self.registry.open.send_modify(|n| *n = n.saturating_sub(1));
+        self.registry.gauge.dec();
     }
 }
 
@@ -108,24 +105,35 @@ impl Drop for Guard {
 mod tests {
     use super::*;
 
+    fn registry(max_connections: usize, max_connections_per_principal: usize) -> Arc<Connections> {
+        let config = RealtimeConfig {
+            max_connections,
+            max_connections_per_principal,
+            ..RealtimeConfig::default()
+        };
+        Arc::new(Connections::new(&config, Gauge::default()))
+    }
+
     #[test]
     fn limits_hold_in_total_and_per_principal_and_guards_give_back() {
-        let r = Arc::new(Connections::new(3, 2));
+        let r = registry(3, 2);
         let a1 = r.admit("alice").unwrap();
         let _a2 = r.admit("alice").unwrap();
         assert_eq!(r.admit("alice").unwrap_err(), Full::Principal);
         let _b1 = r.admit("bob").unwrap();
         assert_eq!(r.admit("carol").unwrap_err(), Full::Total);
         assert_eq!(r.open(), 3);
+        assert_eq!(r.gauge.get(), 3);
         drop(a1);
         assert_eq!(r.open(), 2);
+        assert_eq!(r.gauge.get(), 2);
         let _c1 = r.admit("carol").unwrap();
         assert_eq!(r.per_principal.lock().unwrap().get("alice"), Some(&1));
     }
 
     #[tokio::test]
     async fn drained_waits_for_the_last_guard() {
-        let r = Arc::new(Connections::new(4, 4));
+        let r = registry(4, 4);
         let g = r.admit("a").unwrap();
         let waiter = tokio::spawn({
             let r = r.clone();

@@ -177,13 +177,15 @@ impl AppState {
     /// A state still loading: `/health` answers, the rest say 503 until
     /// [`AppState::loaded`] is given the services.
     pub fn loading(config: Config, metrics: Arc<Metrics>, reloader: Reloader) -> Arc<Self> {
+        let connections =
+            super::connections::Connections::new(&config.realtime, metrics.realtime.open.clone());
         Arc::new(Self {
+            connections: Arc::new(connections),
             config,
             metrics,
             services: OnceLock::new(),
             reloader,
             phase: watch::Sender::new(Phase::Serving),
-            connections: Arc::default(),
         })
     }
 

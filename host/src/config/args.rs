@@ -77,6 +77,23 @@ pub struct ServeArgs {
     /// Milliseconds an open circuit breaker refuses requests [default: 10000].
     #[arg(long, env = "WARDEN_BREAKER_COOLDOWN_MS")]
     pub breaker_cooldown_ms: Option<u64>,
+    /// Most Realtime API sessions open at once [default: 256].
+    #[arg(long, env = "WARDEN_REALTIME_MAX_CONNECTIONS")]
+    pub realtime_max_connections: Option<usize>,
+    /// Most Realtime API sessions one principal may hold open [default: 16].
+    #[arg(long, env = "WARDEN_REALTIME_MAX_CONNECTIONS_PER_PRINCIPAL")]
+    pub realtime_max_connections_per_principal: Option<usize>,
+    /// Seconds a Realtime session may go without a client event before it is closed
+    /// [default: 300].
+    #[arg(long, env = "WARDEN_REALTIME_IDLE_TIMEOUT_SECS")]
+    pub realtime_idle_timeout_secs: Option<u64>,
+    /// Seconds between the server's pings of a Realtime session [default: 30].
+    #[arg(long, env = "WARDEN_REALTIME_PING_INTERVAL_SECS")]
+    pub realtime_ping_interval_secs: Option<u64>,
+    /// Server events a Realtime session may have waiting for a slow client before it is
+    /// closed [default: 1024].
+    #[arg(long, env = "WARDEN_REALTIME_MAX_QUEUED_EVENTS")]
+    pub realtime_max_queued_events: Option<usize>,
     /// Admin API listen address [default: 127.0.0.1:8081].
     #[arg(long, env = "WARDEN_ADMIN_LISTEN")]
     pub admin_listen: Option<SocketAddr>,
@@ -149,6 +166,15 @@ impl ServeArgs {
             &mut config.engine.breaker_cooldown_ms,
             this.breaker_cooldown_ms,
         );
+        let r = &mut config.realtime;
+        set_some(&mut r.max_connections, this.realtime_max_connections);
+        set_some(
+            &mut r.max_connections_per_principal,
+            this.realtime_max_connections_per_principal,
+        );
+        set_some(&mut r.idle_timeout_secs, this.realtime_idle_timeout_secs);
+        set_some(&mut r.ping_interval_secs, this.realtime_ping_interval_secs);
+        set_some(&mut r.max_queued_events, this.realtime_max_queued_events);
         let secret = |v: Option<String>| v.filter(|k| !k.is_empty()).map(Secret);
         if let Some(v) = secret(this.api_key) {
             config.api_key = Some(v);

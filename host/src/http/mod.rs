@@ -113,7 +113,7 @@ pub fn routes(
         .and(with_state.clone())
         .and(meta())
         .and(warp::query::<std::collections::HashMap<String, String>>())
-        .and(warp::ws().map(Some).or(warp::any().map(|| None)).unify())
+        .and(realtime::upgrade_request())
         .then(realtime::upgrade);
     let health = warp::path!("health").and(warp::get()).map(handlers::health);
     let ready = warp::path!("ready")

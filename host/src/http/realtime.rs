@@ -17,10 +17,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
+use hyper::upgrade::OnUpgrade;
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
-use warp::filters::ws::{Message, WebSocket, Ws};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role as WsRole, WebSocketConfig};
+use warp::Filter;
+use warp::http::{HeaderMap, StatusCode, header};
 use warp::reply::{Reply, Response};
 
 use crate::AppState;
@@ -28,17 +34,108 @@ use crate::app::connections::{Full, Guard};
 use crate::app::realtime::{self, ClientEvent, EventError, Item, Role, Session, Settings};
 use crate::app::{self, Phase, Step};
 use crate::error::ApiError;
-use crate::plugins::{ChatMessage, Principal, RequestMeta};
+use crate::metrics::{CloseReason, RealtimeCounters};
+use crate::plugins::{ChatMessage, PluginSet, Principal, RequestMeta};
 
 const ROUTE: &str = "/v1/realtime";
-/// A session with no client event for this long is closed (1000).
-const IDLE: Duration = Duration::from_secs(300);
-/// How often the server pings a session.
-const PING: Duration = Duration::from_secs(30);
-/// Events queued for a client; a client this far behind is closed (1008).
-const QUEUE: usize = 1024;
 /// How long a closing session waits for the client's close frame.
 const CLOSE_WAIT: Duration = Duration::from_secs(5);
+
+/// An upgraded connection.
+type WebSocket = WebSocketStream<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>;
+
+/// A WebSocket upgrade a request asks for (RFC 6455, 4.2.1), not yet answered.
+pub struct Ws {
+    accept: String,
+    on_upgrade: OnUpgrade,
+}
+
+/// The request's WebSocket upgrade, or `None` when it does not ask for one the way RFC 6455
+/// says (the route then answers 426). Done here rather than with warp's `ws()` filter so
+/// that the socket's buffers are this server's to size: tungstenite's default read buffer
+/// is 128 KiB per connection, allocated at once, which alone is twice the memory an idle
+/// session may hold.
+pub fn upgrade_request()
+-> impl Filter<Extract = (Option<Ws>,), Error = std::convert::Infallible> + Clone {
+    warp::header::headers_cloned()
+        .and(warp::ext::optional::<OnUpgrade>())
+        .map(|headers: HeaderMap, on_upgrade: Option<OnUpgrade>| {
+            let value = |name| headers.get(name).and_then(|v| v.to_str().ok());
+            let connection_upgrade = value(header::CONNECTION).is_some_and(|v| {
+                v.split(',')
+                    .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
+            });
+            let websocket =
+                value(header::UPGRADE).is_some_and(|v| v.trim().eq_ignore_ascii_case("websocket"));
+            let version = value(header::SEC_WEBSOCKET_VERSION).map(str::trim) == Some("13");
+            let key = value(header::SEC_WEBSOCKET_KEY).map(str::trim)?;
+            if !(connection_upgrade && websocket && version) || key.len() != 24 {
+                return None;
+            }
+            Some(Ws {
+                accept: tokio_tungstenite::tungstenite::handshake::derive_accept_key(
+                    key.as_bytes(),
+                ),
+                on_upgrade: on_upgrade?,
+            })
+        })
+}
+
+/// The socket's settings: events of at most [`realtime::MAX_EVENT_BYTES`], and a small
+/// read buffer that grows only for the frame being read.
+fn socket_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(0)
+        .max_message_size(Some(realtime::MAX_EVENT_BYTES))
+        .max_frame_size(Some(realtime::MAX_EVENT_BYTES))
+}
+
+impl Ws {
+    /// Answer 101 and, once hyper hands over the connection, run `session` on it.
+    fn on_upgrade<F, U>(self, session: F) -> Response
+    where
+        F: FnOnce(WebSocket) -> U + Send + 'static,
+        U: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let on_upgrade = self.on_upgrade;
+        tokio::spawn(async move {
+            match on_upgrade.await {
+                Ok(upgraded) => {
+                    let io = hyper_util::rt::TokioIo::new(upgraded);
+                    let socket =
+                        WebSocketStream::from_raw_socket(io, WsRole::Server, Some(socket_config()))
+                            .await;
+                    session(socket).await;
+                }
+                Err(e) => tracing::debug!(error = %e, "the WebSocket upgrade did not complete"),
+            }
+        });
+        let mut response = warp::reply::with_status(warp::reply(), StatusCode::SWITCHING_PROTOCOLS)
+            .into_response();
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONNECTION,
+            header::HeaderValue::from_static("upgrade"),
+        );
+        headers.insert(
+            header::UPGRADE,
+            header::HeaderValue::from_static("websocket"),
+        );
+        if let Ok(accept) = header::HeaderValue::from_str(&self.accept) {
+            headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+        }
+        response
+    }
+}
+
+/// A close frame with `code` and `reason`.
+fn close_frame(code: u16, reason: &'static str) -> Message {
+    Message::Close(Some(CloseFrame {
+        code: CloseCode::from(code),
+        reason: reason.into(),
+    }))
+}
 
 /// Decide the upgrade, then hand the socket to a session. Every answer, the upgrade
 /// included, carries `x-request-id`, as on every other route.
@@ -98,13 +195,11 @@ async fn decide(
         Ok((ws, model, guard)) => {
             flow.finish(101, Some(model.clone()), tenant).await;
             let principal = admitted.principal.clone();
-            ws.max_message_size(realtime::MAX_EVENT_BYTES)
-                .max_frame_size(realtime::MAX_EVENT_BYTES)
-                .on_upgrade(move |socket| {
-                    let session = Connection::new(state, meta, principal, model, guard);
-                    session.run(socket)
-                })
-                .into_response()
+            let auth = admitted.plugins.clone();
+            ws.on_upgrade(move |socket| {
+                let session = Connection::new(state, meta, (principal, auth), model, guard);
+                session.run(socket)
+            })
         }
     }
 }
@@ -119,64 +214,121 @@ struct Finished {
     slow: bool,
 }
 
+/// The response in progress: its ids, its task, and the way to stop it.
+struct Running {
+    response_id: String,
+    item_id: String,
+    task: JoinHandle<Finished>,
+    /// Sending (or dropping) it cuts the response short: the task ends it as cancelled,
+    /// with the text so far, and records it.
+    cancel: Option<oneshot::Sender<()>>,
+}
+
+impl Running {
+    /// Cut the response short and wait for its task to say how it ended.
+    async fn cancel(mut self) -> (Self, Finished) {
+        drop(self.cancel.take());
+        let finished = (&mut self.task)
+            .await
+            .unwrap_or_else(|_| Finished::failed(&ApiError::Internal));
+        (self, finished)
+    }
+}
+
+/// A session's bounds, from `[realtime]` in the configuration.
+struct Bounds {
+    idle: Duration,
+    ping: Duration,
+    queue: usize,
+}
+
 /// One session and its connection's plumbing.
 struct Connection {
     state: Arc<AppState>,
     meta: RequestMeta,
     principal: Principal,
+    /// The plugin set whose auth plugin admitted the session: once the auth slot changes,
+    /// the next client event is authenticated again.
+    auth: Arc<PluginSet>,
     session: Session,
     out: mpsc::Sender<Message>,
     queue: Option<mpsc::Receiver<Message>>,
-    /// Set when the client fell [`QUEUE`] events behind.
+    /// Set when the client fell [`Bounds::queue`] events behind.
     overflowed: bool,
+    bounds: Bounds,
+    counters: RealtimeCounters,
     _guard: Guard,
 }
+
+/// Why the session loop ended, and the close frame it sends (none when the client left).
+fn close_reason(close: Option<(u16, &'static str)>) -> CloseReason {
+    match close.map(|(code, _)| code) {
+        None => CloseReason::Client,
+        Some(1000) => CloseReason::Idle,
+        Some(1008) => CloseReason::SlowReader,
+        Some(CLOSE_UNAUTHORIZED) => CloseReason::Unauthorized,
+        Some(_) => CloseReason::Shutdown,
+    }
+}
+
+/// The close code of a session whose credentials the auth plugin no longer accepts
+/// (4000-4999 are the application's own).
+const CLOSE_UNAUTHORIZED: u16 = 4001;
 
 impl Connection {
     fn new(
         state: Arc<AppState>,
         meta: RequestMeta,
-        principal: Principal,
+        (principal, auth): (Principal, Arc<PluginSet>),
         model: String,
         guard: Guard,
     ) -> Self {
-        let (out, queue) = mpsc::channel(QUEUE);
+        let config = &state.config.realtime;
+        let bounds = Bounds {
+            idle: Duration::from_secs(config.idle_timeout_secs),
+            ping: Duration::from_secs(config.ping_interval_secs),
+            queue: config.max_queued_events,
+        };
+        let (out, queue) = mpsc::channel(bounds.queue);
         let id: String = meta
             .request_id
             .chars()
             .filter(char::is_ascii_alphanumeric)
             .take(24)
             .collect();
+        let counters = state.metrics.realtime.clone();
         Self {
             state,
             meta,
             principal,
+            auth,
             session: Session::new(format!("sess_{id}"), model),
             out,
             queue: Some(queue),
             overflowed: false,
+            bounds,
+            counters,
             _guard: guard,
         }
     }
 
-    /// Queue a server event; a full queue marks the client as too slow.
-    fn send(&mut self, kind: &str, mut fields: Value) {
-        fields["type"] = json!(kind);
-        fields["event_id"] = json!(self.session.new_id("event"));
-        if self
-            .out
-            .try_send(Message::text(fields.to_string()))
-            .is_err()
-        {
+    /// Queue an event; a full queue marks the client as too slow.
+    fn queue(&mut self, event: &Value) {
+        if self.out.try_send(Message::text(event.to_string())).is_err() {
             self.overflowed = true;
         }
     }
 
+    /// Queue a server event of type `kind`.
+    fn send(&mut self, kind: &str, mut fields: Value) {
+        fields["type"] = json!(kind);
+        fields["event_id"] = json!(self.session.new_id("event"));
+        self.queue(&fields);
+    }
+
     fn refuse(&mut self, e: &EventError) {
         let event = realtime::error_event(self.session.new_id("event"), e);
-        if self.out.try_send(Message::text(event.to_string())).is_err() {
-            self.overflowed = true;
-        }
+        self.queue(&event);
     }
 
     fn refuse_api(&mut self, event_id: Option<String>, e: &ApiError) {
@@ -198,15 +350,31 @@ impl Connection {
         // The API's own code (a sanitizer's refusal code, `context_length_exceeded`…).
         event["error"]["code"] = error["code"].clone();
         event["error"]["type"] = error["type"].clone();
-        if self.out.try_send(Message::text(event.to_string())).is_err() {
-            self.overflowed = true;
+        self.queue(&event);
+    }
+
+    /// After a change of the auth slot, ask the auth plugin again whether the session's
+    /// credentials (the upgrade's headers) are still good: a revoked key ends the session
+    /// at its next event, not at its next reconnect. Nothing is asked while the slot is
+    /// unchanged.
+    async fn still_authorized(&mut self) -> Result<(), ApiError> {
+        let Some(services) = self.state.services() else {
+            return Ok(());
+        };
+        if services.plugins.current().same_auth(&self.auth) {
+            return Ok(());
         }
+        let flow = app::Flow::begin(&self.state, self.meta.request_id.clone(), ROUTE)?;
+        let admitted = flow.admit(self.meta.clone(), "inference").await?;
+        self.auth = admitted.plugins.clone();
+        Ok(())
     }
 
     async fn run(mut self, socket: WebSocket) {
         let (mut sink, mut stream) = socket.split();
         let (close_now, close_rx) = oneshot::channel::<(u16, &'static str)>();
         let mut queue = self.queue.take().expect("queue");
+        let events_out = self.counters.events_out.clone();
         // The writer sends queued events in order; a close asked for out of band goes first.
         let writer = tokio::spawn(async move {
             let mut close_rx = std::pin::pin!(close_rx);
@@ -215,15 +383,19 @@ impl Connection {
                     biased;
                     code = &mut close_rx => {
                         if let Ok((code, reason)) = code {
-                            let _ = sink.send(Message::close_with(code, reason)).await;
+                            let _ = sink.send(close_frame(code, reason)).await;
                         }
                         break;
                     }
                     m = queue.recv() => match m {
                         Some(m) => {
                             let close = m.is_close();
+                            let event = m.is_text();
                             if sink.send(m).await.is_err() || close {
                                 break;
+                            }
+                            if event {
+                                events_out.inc();
                             }
                         }
                         None => break,
@@ -235,12 +407,13 @@ impl Connection {
         self.send("session.created", json!({"session": session}));
 
         let mut phase = self.state.phase_watch();
-        let mut running: Option<(String, JoinHandle<Finished>)> = None;
+        let mut running: Option<Running> = None;
         let mut draining = false;
-        let idle = tokio::time::sleep(IDLE);
+        let idle = tokio::time::sleep(self.bounds.idle);
         tokio::pin!(idle);
-        let mut ping = tokio::time::interval(PING);
+        let mut ping = tokio::time::interval(self.bounds.ping);
         ping.tick().await;
+        let shutting_down = (1001, "the server is shutting down");
         let close: Option<(u16, &'static str)> = loop {
             if self.overflowed {
                 break Some((1008, "slow reader: events were not read in time"));
@@ -249,12 +422,21 @@ impl Connection {
                 frame = stream.next() => match frame {
                     None | Some(Err(_)) => break None,
                     Some(Ok(m)) => {
-                        idle.as_mut().reset(tokio::time::Instant::now() + IDLE);
+                        idle.as_mut().reset(tokio::time::Instant::now() + self.bounds.idle);
                         if m.is_close() {
                             break None;
-                        } else if let Ok(text) = m.to_str() {
-                            self.event(text, &mut running).await;
-                        } else if m.is_binary() {
+                        }
+                        if !(m.is_text() || m.is_binary()) {
+                            continue;
+                        }
+                        self.counters.events_in.inc();
+                        if let Err(e) = self.still_authorized().await {
+                            self.refuse_api(None, &e);
+                            break Some((CLOSE_UNAUTHORIZED, "the credentials are no longer accepted"));
+                        }
+                        if let Message::Text(text) = &m {
+                            self.event(text.as_str(), &mut running).await;
+                        } else {
                             self.refuse(&EventError {
                                 code: "binary_not_supported",
                                 message: "events are JSON text frames".into(),
@@ -264,13 +446,13 @@ impl Connection {
                         }
                     }
                 },
-                finished = async { (&mut running.as_mut().expect("running").1).await }, if running.is_some() => {
-                    let (id, _) = running.take().expect("running");
+                finished = async { (&mut running.as_mut().expect("running").task).await }, if running.is_some() => {
+                    let r = running.take().expect("running");
                     let finished = finished.unwrap_or_else(|_| Finished::failed(&ApiError::Internal));
                     self.overflowed |= finished.slow;
-                    self.done(id, finished);
+                    self.done(&r, finished);
                     if draining {
-                        break Some((1001, "the server is shutting down"));
+                        break Some(shutting_down);
                     }
                 },
                 changed = phase.changed() => {
@@ -280,34 +462,33 @@ impl Connection {
                         Phase::Draining => {
                             draining = true;
                             if running.is_none() {
-                                break Some((1001, "the server is shutting down"));
+                                break Some(shutting_down);
                             }
                         }
                         Phase::Aborting => {
-                            if let Some((id, task)) = running.take() {
-                                task.abort();
-                                self.done(id, Finished {
-                                    status: "cancelled",
-                                    ..Finished::failed(&ApiError::ShuttingDown)
-                                });
+                            if let Some(r) = running.take() {
+                                let (r, finished) = r.cancel().await;
+                                self.done(&r, finished);
                             }
-                            break Some((1001, "the server is shutting down"));
+                            break Some(shutting_down);
                         }
                     }
                 },
                 () = &mut idle => break Some((1000, "idle")),
                 _ = ping.tick() => {
-                    let _ = self.out.try_send(Message::ping(Vec::new()));
+                    let _ = self.out.try_send(Message::Ping(Default::default()));
                 },
             }
         };
-        if let Some((_, task)) = running.take() {
-            task.abort();
+        if let Some(r) = running.take() {
+            // The client left, or is closed, with a response running: it stops, recorded
+            // as cancelled.
+            let _ = r.cancel().await;
         }
+        self.counters.closed(close_reason(close));
         if let Some((code, reason)) = close {
             // After the events already queued, unless the queue is full: then at once.
-            let queued =
-                !self.overflowed && self.out.try_send(Message::close_with(code, reason)).is_ok();
+            let queued = !self.overflowed && self.out.try_send(close_frame(code, reason)).is_ok();
             if !queued {
                 let _ = close_now.send((code, reason));
             }
@@ -332,7 +513,7 @@ impl Connection {
         }
     }
 
-    async fn event(&mut self, text: &str, running: &mut Option<(String, JoinHandle<Finished>)>) {
+    async fn event(&mut self, text: &str, running: &mut Option<Running>) {
         let parsed = match realtime::parse(text) {
             Ok(p) => p,
             Err(e) => return self.refuse(&e),
@@ -369,11 +550,12 @@ impl Connection {
                 match self.session.add(previous_item_id.as_deref(), item) {
                     Ok((previous, id)) => {
                         let added = self.session.items().iter().find(|i| i.id == id);
-                        let json = added.map_or(Value::Null, Item::json);
-                        self.send(
-                            "conversation.item.created",
-                            json!({"previous_item_id": previous, "item": json}),
-                        );
+                        let item = added.map_or(Value::Null, Item::json);
+                        let event = json!({"previous_item_id": previous, "item": item});
+                        // The beta protocol's name, then the GA protocol's pair.
+                        self.send("conversation.item.created", event.clone());
+                        self.send("conversation.item.added", event.clone());
+                        self.send("conversation.item.done", event);
                     }
                     Err(mut e) => {
                         e.event_id = event_id;
@@ -398,16 +580,9 @@ impl Connection {
                 *running = Some(self.start(&options));
             }
             ClientEvent::ResponseCancel => match running.take() {
-                Some((id, task)) => {
-                    task.abort();
-                    self.done(
-                        id,
-                        Finished {
-                            status: "cancelled",
-                            error: None,
-                            ..Finished::failed(&ApiError::Internal)
-                        },
-                    );
+                Some(r) => {
+                    let (r, finished) = r.cancel().await;
+                    self.done(&r, finished);
                 }
                 None => self.refuse(&refuse(
                     "response_cancel_not_active",
@@ -442,15 +617,40 @@ impl Connection {
         }
     }
 
-    /// Start a response: `response.created` now, deltas from its task, `response.done` when
-    /// [`Connection::done`] is given its end.
-    fn start(&mut self, options: &Settings) -> (String, JoinHandle<Finished>) {
+    /// The assistant item a response writes, as it stands.
+    fn output_item(item_id: &str, status: &str, text: Option<&str>) -> Value {
+        let content = match text {
+            Some(text) => json!([{"type": "output_text", "text": text}]),
+            None => json!([]),
+        };
+        json!({"id": item_id, "object": "realtime.item", "type": "message", "status": status,
+               "role": "assistant", "content": content})
+    }
+
+    /// Start a response: `response.created` and the item and part it writes now, deltas
+    /// from its task, the rest when [`Connection::done`] is given its end.
+    fn start(&mut self, options: &Settings) -> Running {
         let response_id = self.session.new_id("resp");
         let item_id = self.session.new_id("item");
+        let previous = self.session.items().last().map(|i| i.id.clone());
         self.send(
             "response.created",
             json!({"response": {"id": response_id, "object": "realtime.response",
                    "status": "in_progress", "output": []}}),
+        );
+        let item = Self::output_item(&item_id, "in_progress", None);
+        self.send(
+            "response.output_item.added",
+            json!({"response_id": response_id, "output_index": 0, "item": item}),
+        );
+        self.send(
+            "conversation.item.added",
+            json!({"previous_item_id": previous, "item": item}),
+        );
+        self.send(
+            "response.content_part.added",
+            json!({"response_id": response_id, "item_id": item_id, "output_index": 0,
+                   "content_index": 0, "part": {"type": "text", "text": ""}}),
         );
         let request = self.session.request(options);
         let state = self.state.clone();
@@ -458,7 +658,7 @@ impl Connection {
         meta.request_id = format!("{}-{response_id}", self.meta.request_id).into();
         let principal = self.principal.clone();
         let out = self.out.clone();
-        let ids = (response_id.clone(), item_id);
+        let ids = (response_id.clone(), item_id.clone());
         let mut next_event = {
             let mut n = 0u64;
             let prefix = format!("event_{}", ids.0);
@@ -467,6 +667,7 @@ impl Connection {
                 format!("{prefix}_{n}")
             }
         };
+        let (cancel, mut cancelled) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             let flow = match app::Flow::begin(&state, meta.request_id.clone(), ROUTE) {
                 Ok(flow) => flow,
@@ -490,19 +691,26 @@ impl Connection {
                 .to_string()
             };
             let finished = loop {
-                match generation.next().await {
+                let step = tokio::select! {
+                    biased;
+                    _ = &mut cancelled => break Finished::cancelled(std::mem::take(&mut text)),
+                    step = generation.next() => step,
+                };
+                match step {
                     Ok(Step::Text(piece)) => {
                         if !piece.is_empty() {
-                            // Awaited: a slow reader slows its own generation, and the
-                            // session closes it once the queue is full.
+                            // Never awaited: a client a whole queue behind is closed as a
+                            // slow reader, and this task always sees a cancel at once.
+                            text.push_str(&piece);
                             if out
-                                .send(Message::text(delta(&piece, next_event())))
-                                .await
+                                .try_send(Message::text(delta(&piece, next_event())))
                                 .is_err()
                             {
-                                break Finished::failed(&ApiError::Internal);
+                                break Finished {
+                                    slow: true,
+                                    ..Finished::cancelled(std::mem::take(&mut text))
+                                };
                             }
-                            text.push_str(&piece);
                         }
                     }
                     Ok(Step::Done {
@@ -538,26 +746,57 @@ impl Connection {
                     Err(e) => break Finished::failed(&e),
                 }
             };
-            let status = if finished.error.is_some() { 500 } else { 200 };
+            // Recorded as every request is; a cancelled response as 499, the status that
+            // proxies give a request its client gave up on.
+            let status = match finished.status {
+                "cancelled" => 499,
+                _ if finished.error.is_some() => 500,
+                _ => 200,
+            };
             flow.finish(status, Some(model), tenant).await;
             finished
         });
-        (response_id, task)
+        Running {
+            response_id,
+            item_id,
+            task,
+            cancel: Some(cancel),
+        }
     }
 
-    /// A response ended: its text joins the conversation, and `response.done` says how.
-    fn done(&mut self, response_id: String, finished: Finished) {
+    /// A response ended: its text joins the conversation (cut short or not), and the
+    /// closing events say how it ended, `response.done` last.
+    fn done(&mut self, running: &Running, finished: Finished) {
+        let (response_id, item_id) = (&running.response_id, &running.item_id);
         let mut output = Vec::new();
         if !finished.text.is_empty() {
+            let part = json!({"type": "text", "text": finished.text});
             let item = Item {
-                id: String::new(),
+                id: item_id.clone(),
                 role: Role::Assistant,
                 text: finished.text,
             };
-            if let Ok((_, id)) = self.session.add(None, item)
+            if let Ok((previous, id)) = self.session.add(None, item)
                 && let Some(item) = self.session.items().iter().find(|i| i.id == id)
             {
-                output.push(item.json());
+                let mut item = item.json();
+                if finished.status != "completed" {
+                    item["status"] = json!("incomplete");
+                }
+                self.send(
+                    "response.content_part.done",
+                    json!({"response_id": response_id, "item_id": item_id, "output_index": 0,
+                           "content_index": 0, "part": part}),
+                );
+                self.send(
+                    "response.output_item.done",
+                    json!({"response_id": response_id, "output_index": 0, "item": item}),
+                );
+                self.send(
+                    "conversation.item.done",
+                    json!({"previous_item_id": previous, "item": item}),
+                );
+                output.push(item);
             }
         }
         let usage = finished.usage.map(|(input, output)| {
@@ -580,6 +819,16 @@ impl Finished {
             text: String::new(),
             usage: None,
             error: Some(e.body()["error"].clone()),
+            slow: false,
+        }
+    }
+
+    fn cancelled(text: String) -> Self {
+        Self {
+            status: "cancelled",
+            text,
+            usage: None,
+            error: None,
             slow: false,
         }
     }

@@ -147,6 +147,12 @@ impl PluginSet {
         }))
     }
 
+    /// Whether `other` holds the same auth plugin, the same load of it: false after any
+    /// change of the auth slot (a new plugin, a new configuration, a rollback).
+    pub fn same_auth(&self, other: &PluginSet) -> bool {
+        Arc::ptr_eq(&self.auth, &other.auth)
+    }
+
     /// Each slot's plugin, as operators see it.
     pub fn describe(&self) -> Vec<PluginStatus> {
         Slot::ALL

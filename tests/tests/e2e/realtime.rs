@@ -66,6 +66,20 @@ async fn until(ws: &mut Socket, kind: &str) -> Vec<Value> {
     }
 }
 
+/// Add a user message; returns its `conversation.item.created`, after checking that the
+/// GA protocol's `conversation.item.added` and `.done` follow it for the same item.
+async fn add(ws: &mut Socket, text: &str) -> Value {
+    send(ws, user(text)).await;
+    let created = next(ws).await;
+    assert_eq!(created["type"], "conversation.item.created", "{created}");
+    for kind in ["conversation.item.added", "conversation.item.done"] {
+        let e = next(ws).await;
+        assert_eq!(e["type"], kind, "{e}");
+        assert_eq!(e["item"], created["item"], "{e}");
+    }
+    created
+}
+
 fn user(text: &str) -> Value {
     json!({"type": "conversation.item.create", "item": {"type": "message", "role": "user",
            "content": [{"type": "input_text", "text": text}]}})
@@ -80,6 +94,39 @@ async fn respond(ws: &mut Socket, max_tokens: u32) -> (String, Value) {
     .await;
     let events = until(ws, "response.done").await;
     assert_eq!(events[0]["type"], "response.created", "{events:?}");
+    // The GA protocol's frame around the deltas, in order, all about one item.
+    let kinds: Vec<&str> = events
+        .iter()
+        .map(|e| e["type"].as_str().unwrap())
+        .filter(|k| *k != "response.output_text.delta")
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "response.created",
+            "response.output_item.added",
+            "conversation.item.added",
+            "response.content_part.added",
+            "response.output_text.done",
+            "response.content_part.done",
+            "response.output_item.done",
+            "conversation.item.done",
+            "response.done",
+        ],
+        "{events:?}"
+    );
+    let item_id = &events[1]["item"]["id"];
+    assert!(
+        events
+            .iter()
+            .filter_map(|e| e.get("item_id").or(e.get("item").map(|i| &i["id"])))
+            .all(|id| id == item_id),
+        "{events:?}"
+    );
+    assert_eq!(
+        events.last().unwrap()["response"]["output"][0]["id"],
+        *item_id
+    );
     let deltas: String = events
         .iter()
         .filter(|e| e["type"] == "response.output_text.delta")
@@ -111,9 +158,7 @@ async fn a_two_turn_conversation_streams_and_remembers() {
     assert_eq!(updated["type"], "session.updated");
     assert_eq!(updated["session"]["instructions"], "Answer in a few words.");
 
-    send(&mut ws, user("What is the capital of France?")).await;
-    let item = next(&mut ws).await;
-    assert_eq!(item["type"], "conversation.item.created", "{item}");
+    add(&mut ws, "What is the capital of France?").await;
     let (first, done) = respond(&mut ws, 8).await;
     assert!(!first.is_empty());
     let response = &done["response"];
@@ -126,8 +171,7 @@ async fn a_two_turn_conversation_streams_and_remembers() {
     assert!(response["usage"]["output_tokens"].as_u64().unwrap() > 0);
 
     // The second turn sees the first: its prompt holds the answer too.
-    send(&mut ws, user("And of Italy?")).await;
-    assert_eq!(next(&mut ws).await["type"], "conversation.item.created");
+    add(&mut ws, "And of Italy?").await;
     let (second, done) = respond(&mut ws, 8).await;
     assert!(!second.is_empty());
     let second_input = done["response"]["usage"]["input_tokens"].as_u64().unwrap();
@@ -138,8 +182,7 @@ async fn a_two_turn_conversation_streams_and_remembers() {
 
     // The sanitizer checks items before they join: an address is redacted, a control
     // character refused.
-    send(&mut ws, user("mail bob@example.com please")).await;
-    let item = next(&mut ws).await;
+    let item = add(&mut ws, "mail bob@example.com please").await;
     let text = item["item"]["content"][0]["text"].as_str().unwrap();
     assert!(!text.contains("bob@example.com"), "{item}");
     send(&mut ws, user("a\u{7}b")).await;
@@ -179,8 +222,7 @@ async fn every_bad_event_is_an_error_event_and_the_session_goes_on() {
         }
     }
     // A response while one runs is refused; the running one can be cancelled.
-    send(&mut ws, user("Count from one to one hundred.")).await;
-    assert_eq!(next(&mut ws).await["type"], "conversation.item.created");
+    add(&mut ws, "Count from one to one hundred.").await;
     send(
         &mut ws,
         json!({"type": "response.create", "response": {"max_output_tokens": 200}}),
@@ -230,8 +272,7 @@ async fn shutdown_finishes_the_response_then_closes_with_going_away() {
     let t = start(config()).await;
     let mut ws = connect(&t, Some(INFERENCE_KEY), MODEL).await.unwrap();
     assert_eq!(next(&mut ws).await["type"], "session.created");
-    send(&mut ws, user("Tell me about the sea.")).await;
-    assert_eq!(next(&mut ws).await["type"], "conversation.item.created");
+    add(&mut ws, "Tell me about the sea.").await;
     send(
         &mut ws,
         json!({"type": "response.create", "response": {"max_output_tokens": 24}}),
@@ -263,4 +304,154 @@ async fn shutdown_finishes_the_response_then_closes_with_going_away() {
         .expect("the server stops")
         .unwrap();
     assert_eq!(registry.open(), 0);
+}
+
+/// The value of the series `name` (a whole line's name, labels included) in `/v1/metrics`.
+async fn metric(t: &TestServer, name: &str) -> f64 {
+    let r = t.get("/v1/metrics", Some(METRICS_KEY)).await;
+    r.text
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {}", r.text))
+}
+
+/// Waits, bounded, until `name` reads `value`.
+async fn metric_reaches(t: &TestServer, name: &str, value: f64) {
+    for _ in 0..100 {
+        if metric(t, name).await == value {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{name} never reached {value}: {}", metric(t, name).await);
+}
+
+/// The next frame, which must be a close frame, within ten seconds (events before it are
+/// skipped).
+async fn close_code(ws: &mut Socket) -> CloseCode {
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("a close in time");
+        match m {
+            Some(Ok(Message::Close(Some(frame)))) => return frame.code,
+            Some(Ok(Message::Text(_) | Message::Ping(_) | Message::Pong(_))) => {}
+            other => panic!("not a close frame: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_registry_limits_counts_and_revokes() {
+    let mut config = config();
+    config.realtime.max_connections_per_principal = 2;
+    let t = start(config).await;
+    let mut first = connect(&t, Some(INFERENCE_KEY), MODEL).await.unwrap();
+    let mut second = connect(&t, Some(INFERENCE_KEY), MODEL).await.unwrap();
+    for ws in [&mut first, &mut second] {
+        assert_eq!(next(ws).await["type"], "session.created");
+    }
+    // A third for the same principal is refused before the upgrade, with a clear body.
+    let url = format!("{}/v1/realtime?model={MODEL}", t.base);
+    let r = t
+        .send(
+            t.client
+                .get(&url)
+                .bearer_auth(INFERENCE_KEY)
+                .header("connection", "upgrade")
+                .header("upgrade", "websocket")
+                .header("sec-websocket-version", "13")
+                .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        )
+        .await;
+    assert_eq!(r.error(429)["code"], "too_many_connections");
+    assert!(r.headers.contains_key("retry-after"));
+
+    // The registry's metrics.
+    assert_eq!(metric(&t, "warden_realtime_connections").await, 2.0);
+    send(&mut first, json!({"type": "session.update", "session": {}})).await;
+    assert_eq!(next(&mut first).await["type"], "session.updated");
+    assert!(metric(&t, r#"warden_realtime_events_total{direction="in"}"#).await >= 1.0);
+    assert!(metric(&t, r#"warden_realtime_events_total{direction="out"}"#).await >= 3.0);
+    second.close(None).await.unwrap();
+    metric_reaches(&t, r#"warden_realtime_closes_total{reason="client"}"#, 1.0).await;
+    metric_reaches(&t, "warden_realtime_connections", 1.0).await;
+
+    // An auth plugin that no longer knows the key: the session's next event is refused
+    // and the session closed, not left open on credentials that were revoked.
+    let plugins = &t.server.state().services().unwrap().plugins;
+    let other = "another-key-0123456789abcdef";
+    plugins
+        .replace(&warden_tests::source(
+            warden::plugins::Slot::Auth,
+            "auth-api-key",
+            warden_tests::auth_keys(&[
+                ("other", other, &["inference"]),
+                ("scraper", METRICS_KEY, &["metrics"]),
+            ]),
+        ))
+        .unwrap();
+    send(&mut first, json!({"type": "session.update", "session": {}})).await;
+    let refused = next(&mut first).await;
+    assert_eq!(refused["type"], "error", "{refused}");
+    assert_eq!(refused["error"]["code"], "invalid_api_key", "{refused}");
+    assert_eq!(close_code(&mut first).await, CloseCode::from(4001));
+    metric_reaches(
+        &t,
+        r#"warden_realtime_closes_total{reason="unauthorized"}"#,
+        1.0,
+    )
+    .await;
+    metric_reaches(&t, "warden_realtime_connections", 0.0).await;
+    // The new key is accepted.
+    let mut third = connect(&t, Some(other), MODEL).await.unwrap();
+    assert_eq!(next(&mut third).await["type"], "session.created");
+    t.server.shutdown().await;
+}
+
+#[tokio::test]
+async fn slow_readers_and_idle_sessions_are_closed() {
+    let mut config = config();
+    config.realtime.max_queued_events = 16;
+    config.realtime.idle_timeout_secs = 2;
+    let t = start(config).await;
+
+    // A client that sends and never reads: once the kernel's buffers and the session's
+    // 16 queued events are full, the session closes it (1008) instead of buffering.
+    let ws = connect(&t, Some(INFERENCE_KEY), MODEL).await.unwrap();
+    let (mut sink, mut stream) = ws.split();
+    let update = json!({"type": "session.update",
+        "session": {"instructions": "x".repeat(4000)}})
+    .to_string();
+    let writer = tokio::spawn(async move {
+        for _ in 0..20_000 {
+            if sink.send(Message::text(update.clone())).await.is_err() {
+                break;
+            }
+        }
+    });
+    metric_reaches(
+        &t,
+        r#"warden_realtime_closes_total{reason="slow_reader"}"#,
+        1.0,
+    )
+    .await;
+    // Read now: what was sent, then the close frame that says why.
+    let mut code = None;
+    while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_secs(10), stream.next()).await {
+        if let Message::Close(frame) = m {
+            code = frame.map(|f| f.code);
+            break;
+        }
+    }
+    assert_eq!(code, Some(CloseCode::Policy));
+    writer.abort();
+    metric_reaches(&t, "warden_realtime_connections", 0.0).await;
+
+    // A session with no event for the idle timeout is closed normally.
+    let mut ws = connect(&t, Some(INFERENCE_KEY), MODEL).await.unwrap();
+    assert_eq!(next(&mut ws).await["type"], "session.created");
+    assert_eq!(close_code(&mut ws).await, CloseCode::Normal);
+    metric_reaches(&t, r#"warden_realtime_closes_total{reason="idle"}"#, 1.0).await;
+    t.server.shutdown().await;
 }
