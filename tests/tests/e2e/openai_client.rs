@@ -18,10 +18,22 @@ fn python() -> PathBuf {
 
 #[tokio::test]
 async fn the_openai_python_client_works() {
+    run_script("openai_client.py", "openai client: all checks passed").await;
+}
+
+/// `client.realtime.connect(...)`: a two-turn text conversation over the Realtime API,
+/// streamed, with the client's own typed events.
+#[tokio::test]
+async fn the_openai_python_client_holds_a_realtime_conversation() {
+    run_script("openai_realtime.py", "openai realtime: all checks passed").await;
+}
+
+/// Run `tests/python/{script}` against a live server; it must print `passed`.
+async fn run_script(script: &str, passed: &'static str) {
     let python = python();
     let t = start(config()).await;
     let base = format!("{}/v1", t.base);
-    let script = root().join("tests/python/openai_client.py");
+    let script = root().join("tests/python").join(script);
     let output = tokio::task::spawn_blocking(move || {
         Command::new(python)
             .arg(script)
@@ -38,9 +50,6 @@ async fn the_openai_python_client_works() {
         output.status.success(),
         "openai client failed:\n{stdout}\n{stderr}"
     );
-    assert!(
-        stdout.contains("openai client: all checks passed"),
-        "{stdout}"
-    );
+    assert!(stdout.contains(passed), "{stdout}");
     t.server.shutdown().await;
 }
