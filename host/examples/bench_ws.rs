@@ -6,7 +6,8 @@
 //! rate and times each round trip, while one more session streams a response through the
 //! engine every second. Prints the figures docs/performance.md records, and exits 1 when
 //! one misses its target (p50 ≤ 1 ms, p99 ≤ 10 ms, ≤ 64 KiB per idle session, every
-//! streamed response complete).
+//! streamed response complete). Last, a 12-turn conversation on a server with kept KV
+//! caches and on one without: the time to each turn's first delta as the history grows.
 //!
 //! Usage: `bench_ws WARDEN_BIN MODELS_DIR PLUGIN_DIR [SESSIONS] [SECONDS] [INTERVAL_MS]`.
 //! The file-descriptor limit must allow a descriptor per session in each process: the
@@ -168,6 +169,88 @@ async fn responses(url: String, stop: Instant) -> (Vec<f64>, Vec<f64>, usize) {
     (first, whole, failed)
 }
 
+/// A conversation of `turns` turns on one session: per turn, the milliseconds from
+/// `response.create` to the first delta, and the `cached_tokens` of its usage.
+async fn conversation(url: &str, turns: usize) -> Vec<(f64, u64, u64)> {
+    let mut ws = connect(url).await;
+    assert_eq!(next(&mut ws).await["type"], "session.created");
+    let mut per_turn = Vec::new();
+    for turn in 0..turns {
+        let text = format!(
+            "Turn {turn}: tell me one more fact about lighthouses, their keepers and the \
+             ships they guard, in two sentences."
+        );
+        let item = json!({"type": "conversation.item.create", "item": {"type": "message",
+            "role": "user", "content": [{"type": "input_text", "text": text}]}});
+        ws.send(Message::text(item.to_string()))
+            .await
+            .expect("send");
+        until(&mut ws, "conversation.item.done").await;
+        let started = Instant::now();
+        let create = json!({"type": "response.create", "response": {"max_output_tokens": 48}});
+        ws.send(Message::text(create.to_string()))
+            .await
+            .expect("send");
+        let mut first = None;
+        let done = loop {
+            let e = next(&mut ws).await;
+            if e["type"] == "response.output_text.delta" && first.is_none() {
+                first = Some(started.elapsed().as_secs_f64() * 1e3);
+            }
+            if e["type"] == "response.done" {
+                break e;
+            }
+        };
+        let usage = &done["response"]["usage"];
+        per_turn.push((
+            first.unwrap_or(f64::NAN),
+            usage["input_tokens"].as_u64().unwrap_or(0),
+            usage["input_token_details"]["cached_tokens"]
+                .as_u64()
+                .unwrap_or(0),
+        ));
+    }
+    let _ = ws.close(None).await;
+    per_turn
+}
+
+/// The conversation on a server with kept caches and on one without: the time to the first
+/// delta as the history grows.
+fn conversations(bin: &str, models: &str, plugins: &str, runtime: &tokio::runtime::Runtime) {
+    const TURNS: usize = 12;
+    let mut rows = Vec::new();
+    for kept in ["4096", "0"] {
+        let served = serve::Served::start_with(
+            bin,
+            models,
+            plugins,
+            KEY,
+            &[("WARDEN_PREFIX_CACHE_TOKENS", kept)],
+        );
+        let url = format!(
+            "{}/v1/realtime?model={MODEL}",
+            served.base.replace("http://", "ws://")
+        );
+        rows.push(runtime.block_on(conversation(&url, TURNS)));
+        let mut child = served.child;
+        let _ = std::process::Command::new("kill")
+            .arg(child.id().to_string())
+            .status();
+        let _ = child.wait();
+    }
+    println!("a {TURNS}-turn conversation, first delta per turn (ms), with kept caches | without:");
+    for (turn, (with, without)) in rows[0].iter().zip(&rows[1]).enumerate() {
+        println!(
+            "  turn {:>2}: {:>4} input tokens, {:>4} cached: {:>6.0} ms | {:>6.0} ms",
+            turn + 1,
+            with.1,
+            with.2,
+            with.0,
+            without.0
+        );
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let (bin, models, plugins) = (&args[1], &args[2], &args[3]);
@@ -207,6 +290,7 @@ fn main() {
         .arg(child.id().to_string())
         .status();
     let _ = child.wait();
+    conversations(bin, models, plugins, &runtime);
     if !ok {
         std::process::exit(1);
     }

@@ -177,6 +177,7 @@ fn load_services(
         max_active: config.engine.max_sequences,
         queue_timeout,
         observer: metrics.clone(),
+        prefix_cache_tokens: config.engine.prefix_cache_tokens,
     };
     let text_model = TextModel::load(&text_id, &config.text_model_file(), generate)?;
     tracing::info!(model = %text_id, context = text_model.context_length(), "model loaded");

@@ -131,7 +131,10 @@ def http_figures():
     with tempfile.TemporaryDirectory() as tmp:
         env = dict(os.environ, WARDEN_LISTEN=f"127.0.0.1:{port}", WARDEN_API_KEY="bench-key",
                    WARDEN_MODELS_DIR=os.path.dirname(os.path.abspath(MODEL)),
-                   WARDEN_TEXT_MODEL=os.path.basename(MODEL), RUST_LOG="warn")
+                   WARDEN_TEXT_MODEL=os.path.basename(MODEL), RUST_LOG="warn",
+                   # Like llama-server's `cache_prompt: false`: every request prefills its
+                   # whole prompt, so the time to first token compares the engines.
+                   WARDEN_PREFIX_CACHE_TOKENS="0")
         proc = subprocess.Popen([WARDEN, "serve"], env=env, cwd=os.getcwd(),
                                 stdout=subprocess.DEVNULL, stderr=open(os.path.join(tmp, "log"), "w"))
         try:

@@ -77,6 +77,9 @@ with client.realtime.connect(model=MODEL) as conn:
         done1.response.usage,
         done2.response.usage,
     )
+    # The first turn's tokens came from the kept cache, not computed again.
+    cached = done2.response.usage.input_token_details.cached_tokens
+    assert cached >= done1.response.usage.input_tokens, done2.response.usage
 
     # A bad event is an error event, and the conversation goes on.
     conn.send({"type": "conversation.item.delete", "item_id": "no-such-item"})

@@ -84,6 +84,11 @@ impl Forward for Counter {
         *cache
     }
 
+    fn truncate(cache: &mut usize, len: usize) -> candle_core::Result<()> {
+        *cache = (*cache).min(len);
+        Ok(())
+    }
+
     fn forward(&self, tokens: &[u32], cache: &mut usize) -> candle_core::Result<Vec<f32>> {
         *cache += tokens.len();
         Ok(next(*tokens.last().unwrap_or(&0)))

@@ -75,6 +75,8 @@ pub enum Step {
         reason: FinishReason,
         /// Tokens in the prompt.
         prompt_tokens: usize,
+        /// Of those, the tokens taken from a kept cache (a shared prefix).
+        cached_tokens: usize,
         /// Tokens generated.
         completion_tokens: usize,
     },
@@ -89,6 +91,8 @@ pub struct Completed {
     pub reason: FinishReason,
     /// Tokens in the prompt.
     pub prompt_tokens: usize,
+    /// Of those, the tokens taken from a kept cache (a shared prefix).
+    pub cached_tokens: usize,
     /// Tokens generated.
     pub completion_tokens: usize,
 }
@@ -300,6 +304,7 @@ impl Generation {
                     rest,
                     reason,
                     prompt_tokens,
+                    cached_tokens,
                     completion_tokens,
                 } => {
                     text.push_str(&rest);
@@ -307,6 +312,7 @@ impl Generation {
                         text,
                         reason,
                         prompt_tokens,
+                        cached_tokens,
                         completion_tokens,
                     });
                 }
@@ -362,6 +368,7 @@ impl Generation {
             Some(GenerateEvent::Done {
                 reason,
                 prompt_tokens,
+                cached_tokens,
                 completion_tokens,
             }) => {
                 if let Some(p) = self.permit.take() {
@@ -382,6 +389,7 @@ impl Generation {
                     rest: rest.map_err(ApiError::Refused)?,
                     reason,
                     prompt_tokens,
+                    cached_tokens,
                     completion_tokens,
                 })
             }

@@ -71,6 +71,10 @@ pub struct ServeArgs {
     /// Milliseconds a request may wait for the engine before it gets 503 [default: 30000].
     #[arg(long, env = "WARDEN_QUEUE_TIMEOUT_MS")]
     pub queue_timeout_ms: Option<u64>,
+    /// Positions of finished generations' KV caches kept for reuse by a prompt that starts
+    /// the same way; 0 keeps none [default: 4096].
+    #[arg(long, env = "WARDEN_PREFIX_CACHE_TOKENS")]
+    pub prefix_cache_tokens: Option<usize>,
     /// Engine failures in a row that open a model's circuit breaker [default: 5].
     #[arg(long, env = "WARDEN_BREAKER_FAILURES")]
     pub breaker_failures: Option<u32>,
@@ -162,6 +166,10 @@ impl ServeArgs {
         }
         set_some(&mut config.engine.queue_timeout_ms, this.queue_timeout_ms);
         set_some(&mut config.engine.breaker_failures, this.breaker_failures);
+        set_some(
+            &mut config.engine.prefix_cache_tokens,
+            this.prefix_cache_tokens,
+        );
         set_some(
             &mut config.engine.breaker_cooldown_ms,
             this.breaker_cooldown_ms,

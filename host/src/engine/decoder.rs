@@ -79,12 +79,25 @@ pub struct Cache {
     k: Vec<Vec<u16>>,
     v: Vec<Vec<u16>>,
     len: usize,
+    /// Values per position in each layer's keys (and values).
+    width: usize,
 }
 
 impl Cache {
     /// Positions cached so far.
     pub fn len(&self) -> usize {
         self.len
+    }
+
+    /// Keep the first `len` positions (at most those cached): the keys and values of a
+    /// prefix do not depend on what followed it. Each layer is cut to the same length,
+    /// whatever a pass that failed half-way left in it.
+    pub fn truncate(&mut self, len: usize) {
+        let keep = len.min(self.len);
+        for layer in self.k.iter_mut().chain(self.v.iter_mut()) {
+            layer.truncate(keep * self.width);
+        }
+        self.len = keep;
     }
 
     /// Whether nothing is cached.
@@ -220,6 +233,7 @@ impl Decoder {
             k: vec![Vec::new(); self.config.n_layer],
             v: vec![Vec::new(); self.config.n_layer],
             len: 0,
+            width: self.config.n_kv_head * self.config.head_dim,
         }
     }
 
@@ -477,6 +491,17 @@ impl SeqCache {
     /// Whether nothing is cached.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Keep the first `len` positions.
+    pub fn truncate(&mut self, len: usize) -> Result<()> {
+        match self {
+            SeqCache::Fused(c) => {
+                c.truncate(len);
+                Ok(())
+            }
+            SeqCache::Graph(c) => c.truncate(len),
+        }
     }
 }
 

@@ -101,6 +101,9 @@ pub enum GenerateEvent {
         reason: FinishReason,
         /// Prompt tokens.
         prompt_tokens: usize,
+        /// Of those, the tokens whose keys and values came from an earlier sequence's cache
+        /// (a shared prefix) instead of being computed again.
+        cached_tokens: usize,
         /// Generated tokens (an end-of-generation token counts; the stop text's tokens too).
         completion_tokens: usize,
     },
@@ -120,6 +123,10 @@ pub struct GenerateConfig {
     pub queue_timeout: Duration,
     /// Hears about the queue.
     pub observer: Arc<dyn QueueObserver>,
+    /// Positions of finished sequences' caches kept for reuse: a prompt that starts with
+    /// what one of them holds (the next turn of a conversation, the same system prompt)
+    /// feeds only the rest. 0 keeps none.
+    pub prefix_cache_tokens: usize,
 }
 
 impl Default for GenerateConfig {
@@ -128,6 +135,7 @@ impl Default for GenerateConfig {
             queue_capacity: 64,
             max_active: 4,
             queue_timeout: Duration::from_secs(30),
+            prefix_cache_tokens: 0,
             observer: Arc::new(Unobserved),
         }
     }
@@ -145,6 +153,8 @@ pub trait Forward: Send + Sync + 'static {
     fn new_cache(&self) -> Self::Cache;
     /// Positions `cache` holds.
     fn cached(cache: &Self::Cache) -> usize;
+    /// Keep the first `len` positions of `cache`.
+    fn truncate(cache: &mut Self::Cache, len: usize) -> candle_core::Result<()>;
     /// Logits of the last of `tokens`, fed after what `cache` holds.
     fn forward(&self, tokens: &[u32], cache: &mut Self::Cache) -> candle_core::Result<Vec<f32>>;
     /// One decoding step of several sequences at once: one token each.
@@ -168,6 +178,10 @@ impl Forward for TextWeights {
 
     fn cached(cache: &SeqCache) -> usize {
         cache.len()
+    }
+
+    fn truncate(cache: &mut SeqCache, len: usize) -> candle_core::Result<()> {
+        cache.truncate(len)
     }
 
     fn forward(&self, tokens: &[u32], cache: &mut SeqCache) -> candle_core::Result<Vec<f32>> {
@@ -202,6 +216,8 @@ pub struct GenerateStats {
     pub generated_tokens: AtomicU64,
     /// Sequences ended early because their client went away.
     pub cancelled: AtomicU64,
+    /// Prompt tokens taken from kept caches instead of computed.
+    pub reused_tokens: AtomicU64,
     /// Test hook: this many coming steps fail as if the model had failed.
     inject_failures: AtomicUsize,
 }
@@ -244,6 +260,7 @@ impl GenerateHandle {
             observer: config.observer.clone(),
             model: name.to_string(),
             stats: stats.clone(),
+            kept: std::cell::RefCell::new(Kept::new(config.prefix_cache_tokens)),
         };
         std::thread::Builder::new()
             .name(format!("engine-{name}"))
@@ -314,9 +331,72 @@ struct Sequence<C> {
     span: tracing::Span,
     /// Its last event was sent.
     ended: bool,
+    /// Its cache is not to be trusted (a pass failed on it).
+    failed: bool,
+    /// Prompt tokens that came with its cache.
+    reused: usize,
 }
 
-struct Engine<F> {
+/// Caches of finished sequences, with the tokens each holds, oldest first, up to a total
+/// of `budget` positions.
+struct Kept<C> {
+    entries: std::collections::VecDeque<(Vec<u32>, C)>,
+    held: usize,
+    budget: usize,
+}
+
+impl<C> Kept<C> {
+    fn new(budget: usize) -> Self {
+        Self {
+            entries: std::collections::VecDeque::new(),
+            held: 0,
+            budget,
+        }
+    }
+
+    /// Keep `cache`, which holds `tokens`; the oldest go to make room.
+    fn keep(&mut self, tokens: Vec<u32>, cache: C) {
+        if tokens.is_empty() || tokens.len() > self.budget {
+            return;
+        }
+        self.held += tokens.len();
+        self.entries.push_back((tokens, cache));
+        while self.held > self.budget {
+            match self.entries.pop_front() {
+                Some((t, _)) => self.held -= t.len(),
+                None => break,
+            }
+        }
+    }
+
+    /// The kept cache sharing the longest prefix with `prompt`, taken out, and the length
+    /// of that prefix, at most all of `prompt` but its last token (whose logits the
+    /// sequence needs).
+    fn take(&mut self, prompt: &[u32]) -> Option<(C, usize)> {
+        let usable = prompt.len().saturating_sub(1);
+        let (best, shared) = self
+            .entries
+            .iter()
+            .enumerate()
+            .map(|(i, (tokens, _))| {
+                let shared = tokens
+                    .iter()
+                    .zip(prompt)
+                    .take_while(|(a, b)| a == b)
+                    .count();
+                (i, shared.min(usable))
+            })
+            .max_by_key(|&(i, shared)| (shared, i))?;
+        if shared == 0 {
+            return None;
+        }
+        let (tokens, cache) = self.entries.remove(best)?;
+        self.held -= tokens.len();
+        Some((cache, shared))
+    }
+}
+
+struct Engine<F: Forward> {
     weights: Arc<F>,
     tokenizer: Arc<GgufTokenizer>,
     max_active: usize,
@@ -324,6 +404,8 @@ struct Engine<F> {
     observer: Arc<dyn QueueObserver>,
     model: String,
     stats: Arc<GenerateStats>,
+    /// Caches kept for reuse; only the engine thread touches them.
+    kept: std::cell::RefCell<Kept<F::Cache>>,
 }
 
 impl<F: Forward> Engine<F> {
@@ -382,17 +464,62 @@ impl<F: Forward> Engine<F> {
                 temperature: s.temperature,
             }
         };
+        let prompt = &job.request.prompt;
+        let reused = self
+            .kept
+            .borrow_mut()
+            .take(prompt)
+            .and_then(|(mut cache, shared)| {
+                F::truncate(&mut cache, shared).ok()?;
+                Some((cache, shared))
+            });
+        let (cache, reused) = reused.unwrap_or_else(|| (self.weights.new_cache(), 0));
+        self.stats
+            .reused_tokens
+            .fetch_add(reused as u64, Ordering::Relaxed);
         let span = tracing::debug_span!(parent: &job.request.span, "engine.generate",
-            queue_wait_ms = job.queued.elapsed().as_millis() as u64);
+            queue_wait_ms = job.queued.elapsed().as_millis() as u64, reused);
         Sequence {
-            cache: self.weights.new_cache(),
+            cache,
             sampler: LogitsProcessor::from_sampling(s.seed, sampling),
             generated: Vec::new(),
-            pending: job.request.prompt.clone(),
+            pending: prompt[reused..].to_vec(),
             text: TextState::new(job.request.stop.clone()),
             job,
             span,
             ended: false,
+            failed: false,
+            reused,
+        }
+    }
+
+    /// Take the ended sequences out of `active`, keeping the caches of those that did not
+    /// fail for a later prompt that starts the same way.
+    fn retire(&self, active: &mut Vec<Sequence<F::Cache>>) {
+        let mut kept = self.kept.borrow_mut();
+        let mut i = 0;
+        while i < active.len() {
+            if !active[i].ended {
+                i += 1;
+                continue;
+            }
+            let seq = active.swap_remove(i);
+            if seq.failed || kept.budget == 0 {
+                continue;
+            }
+            let held = F::cached(&seq.cache);
+            let tokens: Vec<u32> = seq
+                .job
+                .request
+                .prompt
+                .iter()
+                .chain(&seq.generated)
+                .take(held)
+                .copied()
+                .collect();
+            if tokens.len() == held {
+                kept.keep(tokens, seq.cache);
+            }
         }
     }
 
@@ -401,7 +528,10 @@ impl<F: Forward> Engine<F> {
     /// sequences with one token to feed run in one batched forward pass (decode), which
     /// reads the weights once for all of them.
     fn step_all(&self, active: &mut Vec<Sequence<F::Cache>>) {
-        active.retain_mut(|seq| self.prepare(seq));
+        for seq in active.iter_mut() {
+            seq.ended = !self.prepare(seq);
+        }
+        self.retire(active);
         type Refs<'a, C> = Vec<&'a mut Sequence<C>>;
         let (mut batch, mut alone): (Refs<'_, F::Cache>, Refs<'_, F::Cache>) =
             active.iter_mut().partition(|seq| seq.pending.len() == 1);
@@ -441,7 +571,7 @@ impl<F: Forward> Engine<F> {
                 }
             }
         }
-        active.retain(|seq| !seq.ended);
+        self.retire(active);
     }
 
     /// Before the model runs: whether `seq` still wants a step. A sequence whose client went
@@ -457,6 +587,7 @@ impl<F: Forward> Engine<F> {
             let _ = seq.job.events.send(GenerateEvent::Done {
                 reason: FinishReason::Length,
                 prompt_tokens: request.prompt.len(),
+                cached_tokens: seq.reused,
                 completion_tokens: 0,
             });
             return false;
@@ -485,7 +616,10 @@ impl<F: Forward> Engine<F> {
         let end = match outcome {
             Ok(None) => return,
             Ok(Some(event)) => event,
-            Err(e) => GenerateEvent::Failed(e),
+            Err(e) => {
+                seq.failed = true;
+                GenerateEvent::Failed(e)
+            }
         };
         let _ = seq.job.events.send(end);
         seq.ended = true;
@@ -544,6 +678,7 @@ impl<F: Forward> Engine<F> {
         Ok(Some(GenerateEvent::Done {
             reason,
             prompt_tokens: request.prompt.len(),
+            cached_tokens: seq.reused,
             completion_tokens: seq.generated.len(),
         }))
     }
@@ -625,6 +760,11 @@ mod tests {
             *cache
         }
 
+        fn truncate(cache: &mut usize, len: usize) -> candle_core::Result<()> {
+            *cache = (*cache).min(len);
+            Ok(())
+        }
+
         fn forward(&self, tokens: &[u32], cache: &mut usize) -> candle_core::Result<Vec<f32>> {
             drop(self.gate.lock());
             *cache += tokens.len();
@@ -679,8 +819,92 @@ mod tests {
         GenerateEvent::Done {
             reason,
             prompt_tokens,
+            cached_tokens: 0,
             completion_tokens,
         }
+    }
+
+    #[test]
+    fn a_prompt_that_starts_as_a_finished_sequence_did_reuses_its_cache() {
+        let config = GenerateConfig {
+            prefix_cache_tokens: 64,
+            ..GenerateConfig::default()
+        };
+        let handle = engine(Arc::default(), config);
+        let run = |r| answer(handle.submit(r).expect("queued"));
+        // "ab" then "c", "d", "e": the cache holds what was fed, "abcd" (not the last "e").
+        assert_eq!(
+            run(request("ab", 3, &[])),
+            ("cde".into(), done(FinishReason::Length, 2, 3))
+        );
+        // The next turn starts with all of it: only "x" is computed.
+        assert_eq!(
+            run(request("abcdx", 5, &[])),
+            (
+                "yz".into(),
+                GenerateEvent::Done {
+                    reason: FinishReason::Stop,
+                    prompt_tokens: 5,
+                    cached_tokens: 4,
+                    completion_tokens: 3,
+                }
+            )
+        );
+        // A prompt that parts earlier takes the shared part only; its last token is
+        // always computed, for its logits.
+        let (text, last) = run(request("abcdx", 2, &[]));
+        assert_eq!(text, "yz");
+        assert!(
+            matches!(
+                last,
+                GenerateEvent::Done {
+                    cached_tokens: 4,
+                    ..
+                }
+            ),
+            "{last:?}"
+        );
+        let (_, last) = run(request("abq", 1, &[]));
+        assert!(
+            matches!(
+                last,
+                GenerateEvent::Done {
+                    cached_tokens: 2,
+                    ..
+                }
+            ),
+            "{last:?}"
+        );
+        // Nothing in common: nothing reused.
+        let (_, last) = run(request("zz", 1, &[]));
+        assert!(
+            matches!(
+                last,
+                GenerateEvent::Done {
+                    cached_tokens: 0,
+                    ..
+                }
+            ),
+            "{last:?}"
+        );
+        assert_eq!(handle.stats().reused_tokens.load(Ordering::Relaxed), 10);
+    }
+
+    #[test]
+    fn kept_caches_stay_within_their_budget_and_the_oldest_go_first() {
+        let mut kept = Kept::new(10);
+        kept.keep(vec![1, 2, 3, 4], 4usize);
+        kept.keep(vec![5, 6, 7, 8], 4);
+        assert_eq!(kept.held, 8);
+        kept.keep(vec![9, 10, 11], 3);
+        // 11 > 10: the oldest went.
+        assert_eq!(kept.held, 7);
+        assert!(kept.take(&[1, 2, 3, 4, 5]).is_none());
+        assert_eq!(kept.take(&[5, 6, 0]), Some((4, 2)));
+        assert_eq!(kept.held, 3);
+        // Larger than the whole budget: not kept.
+        kept.keep((0..11).collect(), 11);
+        assert_eq!(kept.held, 3);
     }
 
     #[test]

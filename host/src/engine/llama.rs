@@ -136,6 +136,20 @@ impl KvCache {
         self.len
     }
 
+    /// Keep the first `len` positions (at most those cached).
+    pub fn truncate(&mut self, len: usize) -> Result<()> {
+        let keep = len.min(self.len);
+        for layer in &mut self.layers {
+            if let Some((k, v)) = layer.take()
+                && keep > 0
+            {
+                *layer = Some((k.narrow(2, 0, keep)?, v.narrow(2, 0, keep)?));
+            }
+        }
+        self.len = keep;
+        Ok(())
+    }
+
     /// Whether nothing is cached.
     pub fn is_empty(&self) -> bool {
         self.len == 0

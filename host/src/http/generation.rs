@@ -70,11 +70,12 @@ impl Shape {
         }
     }
 
-    fn usage(prompt: usize, completion: usize) -> Value {
+    fn usage(prompt: usize, cached: usize, completion: usize) -> Value {
         json!({
             "prompt_tokens": prompt,
             "completion_tokens": completion,
             "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached},
         })
     }
 
@@ -84,6 +85,7 @@ impl Shape {
         text: String,
         reason: FinishReason,
         prompt: usize,
+        cached: usize,
         completion: usize,
     ) -> Value {
         let choice = match self.api {
@@ -110,7 +112,7 @@ impl Shape {
             "created": self.created,
             "model": self.model,
             "choices": [choice],
-            "usage": Self::usage(prompt, completion),
+            "usage": Self::usage(prompt, cached, completion),
         })
     }
 
@@ -156,7 +158,7 @@ impl Shape {
     }
 
     /// The last chunk when `stream_options.include_usage` is set: no choices, the usage.
-    fn usage_chunk(&self, prompt: usize, completion: usize) -> Value {
+    fn usage_chunk(&self, prompt: usize, cached: usize, completion: usize) -> Value {
         let object = match self.api {
             Api::Chat => "chat.completion.chunk",
             Api::Completion => "text_completion",
@@ -167,7 +169,7 @@ impl Shape {
             "created": self.created,
             "model": self.model,
             "choices": [],
-            "usage": Self::usage(prompt, completion),
+            "usage": Self::usage(prompt, cached, completion),
         })
     }
 }
@@ -234,6 +236,7 @@ where
             done.text,
             done.reason,
             done.prompt_tokens,
+            done.cached_tokens,
             done.completion_tokens,
         );
         Ok(warp::reply::json(&body).into_response())
@@ -278,6 +281,7 @@ fn stream(
                         rest,
                         reason,
                         prompt_tokens,
+                        cached_tokens,
                         completion_tokens,
                     }) => {
                         if !rest.is_empty() {
@@ -296,7 +300,7 @@ fn stream(
                         if include_usage {
                             out.push(
                                 shape
-                                    .usage_chunk(prompt_tokens, completion_tokens)
+                                    .usage_chunk(prompt_tokens, cached_tokens, completion_tokens)
                                     .to_string(),
                             );
                         }

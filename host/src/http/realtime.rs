@@ -208,10 +208,19 @@ async fn decide(
 struct Finished {
     status: &'static str,
     text: String,
-    usage: Option<(usize, usize)>,
+    usage: Option<Usage>,
     error: Option<Value>,
     /// The client did not read the deltas in time: the session closes it (1008).
     slow: bool,
+}
+
+/// A finished response's tokens.
+struct Usage {
+    input: usize,
+    /// Of the input, those whose keys and values a kept cache held (the conversation so
+    /// far, when it is unchanged since the last response).
+    cached: usize,
+    output: usize,
 }
 
 /// The response in progress: its ids, its task, and the way to stop it.
@@ -485,7 +494,12 @@ impl Connection {
             // as cancelled.
             let _ = r.cancel().await;
         }
-        self.counters.closed(close_reason(close));
+        let reason = close_reason(close);
+        self.counters.closed(reason);
+        if reason == CloseReason::Shutdown {
+            // The final event, as an SSE stream gets: what the close frame's code means.
+            self.refuse_api(None, &ApiError::ShuttingDown);
+        }
         if let Some((code, reason)) = close {
             // After the events already queued, unless the queue is full: then at once.
             let queued = !self.overflowed && self.out.try_send(close_frame(code, reason)).is_ok();
@@ -716,6 +730,7 @@ impl Connection {
                     Ok(Step::Done {
                         rest,
                         prompt_tokens,
+                        cached_tokens,
                         completion_tokens,
                         reason,
                     }) => {
@@ -738,7 +753,11 @@ impl Connection {
                         break Finished {
                             status,
                             text,
-                            usage: Some((prompt_tokens, completion_tokens)),
+                            usage: Some(Usage {
+                                input: prompt_tokens,
+                                cached: cached_tokens,
+                                output: completion_tokens,
+                            }),
                             error: None,
                             slow,
                         };
@@ -799,8 +818,11 @@ impl Connection {
                 output.push(item);
             }
         }
-        let usage = finished.usage.map(|(input, output)| {
-            json!({"total_tokens": input + output, "input_tokens": input, "output_tokens": output})
+        let usage = finished.usage.map(|u| {
+            json!({"total_tokens": u.input + u.output, "input_tokens": u.input,
+                   "output_tokens": u.output,
+                   "input_token_details": {"cached_tokens": u.cached, "text_tokens": u.input},
+                   "output_token_details": {"text_tokens": u.output}})
         });
         self.send(
             "response.done",

@@ -367,3 +367,42 @@ fn perplexity_is_within_one_percent_of_llama_cpp() {
         "perplexity {ours:.4} against llama.cpp's {theirs:.4}"
     );
 }
+
+/// A cache cut back to a shared prefix serves a prompt that parts from the one it was made
+/// for: what it held past the cut leaves no trace (the engine's kept caches, which let the
+/// next turn of a conversation compute only its new tokens). Both decoders.
+#[test]
+fn a_cache_cut_to_a_shared_prefix_serves_a_different_continuation() {
+    let prefix: Vec<u32> = (0..40)
+        .map(|i| 1000 + ((i * 7919) % 30000) as u32)
+        .collect();
+    let old: Vec<u32> = (0..30)
+        .map(|i| 2000 + ((i * 104_729) % 20000) as u32)
+        .collect();
+    let new: Vec<u32> = (0..25).map(|i| 3000 + ((i * 31) % 9000) as u32).collect();
+    let whole: Vec<u32> = prefix.iter().chain(&new).copied().collect();
+
+    let fused = load_fused();
+    let mut fresh = fused.new_cache();
+    let expected = fused.forward(&whole, &mut fresh).unwrap();
+    let mut cut = fused.new_cache();
+    fused.forward(&prefix, &mut cut).unwrap();
+    fused.forward(&old, &mut cut).unwrap();
+    cut.truncate(prefix.len());
+    assert_eq!(cut.len(), prefix.len());
+    let got = fused.forward(&new, &mut cut).unwrap();
+    // Bit for bit: on the fused decoder, where a prompt is cut is as neutral as chunking.
+    assert_eq!(got, expected);
+
+    let graph = load_weights();
+    let mut fresh = graph.new_cache();
+    let expected = graph.forward(&whole, &mut fresh).unwrap();
+    let mut cut = graph.new_cache();
+    graph.forward(&prefix, &mut cut).unwrap();
+    graph.forward(&old, &mut cut).unwrap();
+    cut.truncate(prefix.len()).unwrap();
+    assert_eq!(cut.len(), prefix.len());
+    let got = graph.forward(&new, &mut cut).unwrap();
+    assert_close(&got, &expected);
+    assert_eq!(argmax(&got), argmax(&expected));
+}

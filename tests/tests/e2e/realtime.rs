@@ -179,6 +179,11 @@ async fn a_two_turn_conversation_streams_and_remembers() {
         second_input > first_input,
         "{second_input} <= {first_input}"
     );
+    // And it did not compute the first turn again: the conversation's cache was kept.
+    let cached = done["response"]["usage"]["input_token_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    assert!(cached >= first_input, "{cached} < {first_input}: {done}");
 
     // The sanitizer checks items before they join: an address is redacted, a control
     // character refused.
@@ -290,7 +295,11 @@ async fn shutdown_finishes_the_response_then_closes_with_going_away() {
         "cancelled",
         "{events:?}"
     );
-    // Then the server says it is going away, and the handshake completes.
+    // Then the server says it is going away: a final event, then the close frame, and the
+    // handshake completes.
+    let last = next(&mut ws).await;
+    assert_eq!(last["type"], "error", "{last}");
+    assert_eq!(last["error"]["code"], "server_shutting_down", "{last}");
     let close = tokio::time::timeout(Duration::from_secs(10), ws.next())
         .await
         .expect("a close in time");
