@@ -439,9 +439,19 @@ impl Connection {
                             continue;
                         }
                         self.counters.events_in.inc();
-                        if let Err(e) = self.still_authorized().await {
-                            self.refuse_api(None, &e);
-                            break Some((CLOSE_UNAUTHORIZED, "the credentials are no longer accepted"));
+                        match self.still_authorized().await {
+                            Ok(()) => {}
+                            // Refused: the session ends.
+                            Err(e) if e.status().is_client_error() => {
+                                self.refuse_api(None, &e);
+                                break Some((CLOSE_UNAUTHORIZED, "the credentials are no longer accepted"));
+                            }
+                            // The plugin could not answer (a fault, a deadline): this event
+                            // is refused, as any request would be, and the next asks again.
+                            Err(e) => {
+                                self.refuse_api(None, &e);
+                                continue;
+                            }
                         }
                         if let Message::Text(text) = &m {
                             self.event(text.as_str(), &mut running).await;

@@ -386,19 +386,37 @@ async fn the_registry_limits_counts_and_revokes() {
     metric_reaches(&t, r#"warden_realtime_closes_total{reason="client"}"#, 1.0).await;
     metric_reaches(&t, "warden_realtime_connections", 1.0).await;
 
-    // An auth plugin that no longer knows the key: the session's next event is refused
-    // and the session closed, not left open on credentials that were revoked.
+    // An auth plugin that faults: the event is refused (fail closed) but the session
+    // stays; the next event, once the auth plugin answers again, is served.
     let plugins = &t.server.state().services().unwrap().plugins;
-    let other = "another-key-0123456789abcdef";
+    let auth =
+        |config: Value| warden_tests::source(warden::plugins::Slot::Auth, "auth-api-key", config);
     plugins
         .replace(&warden_tests::source(
             warden::plugins::Slot::Auth,
-            "auth-api-key",
-            warden_tests::auth_keys(&[
-                ("other", other, &["inference"]),
-                ("scraper", METRICS_KEY, &["metrics"]),
-            ]),
+            "misbehave",
+            json!({"mode": "trap", "spare_smoke": true}),
         ))
+        .unwrap();
+    send(&mut first, json!({"type": "session.update", "session": {}})).await;
+    let refused = next(&mut first).await;
+    assert_eq!(refused["type"], "error", "{refused}");
+    assert_eq!(refused["error"]["code"], "policy_unavailable", "{refused}");
+    let keys = warden::keys::auth_plugin_config(&warden_tests::config()).unwrap();
+    plugins
+        .replace(&auth(serde_json::from_str(&keys).unwrap()))
+        .unwrap();
+    send(&mut first, json!({"type": "session.update", "session": {}})).await;
+    assert_eq!(next(&mut first).await["type"], "session.updated");
+
+    // An auth plugin that no longer knows the key: the session's next event is refused
+    // and the session closed, not left open on credentials that were revoked.
+    let other = "another-key-0123456789abcdef";
+    plugins
+        .replace(&auth(warden_tests::auth_keys(&[
+            ("other", other, &["inference"]),
+            ("scraper", METRICS_KEY, &["metrics"]),
+        ])))
         .unwrap();
     send(&mut first, json!({"type": "session.update", "session": {}})).await;
     let refused = next(&mut first).await;
@@ -463,4 +481,68 @@ async fn slow_readers_and_idle_sessions_are_closed() {
     assert_eq!(close_code(&mut ws).await, CloseCode::Normal);
     metric_reaches(&t, r#"warden_realtime_closes_total{reason="idle"}"#, 1.0).await;
     t.server.shutdown().await;
+}
+
+/// A response's text through the output filter: an address the model writes, over several
+/// deltas, never reaches the client, in the deltas or in the done text.
+#[tokio::test]
+async fn addresses_the_model_writes_are_redacted_across_deltas() {
+    let all_off = json!({"email": "off", "phone": "off", "card": "off", "ssn": "off"});
+    let sanitizer = |output: Value| {
+        let mut c = config();
+        c.plugins.sanitizer.config = json!({"input": all_off, "output": output})
+            .as_object()
+            .unwrap()
+            .clone();
+        c
+    };
+    let ask = "Repeat these lines exactly:\nTo: alice@example.com\nTo: bob@example.com\n\
+               To: carol@example.com";
+    let run = |t: TestServer| async move {
+        let mut ws = connect(&t, Some(INFERENCE_KEY), MODEL).await.unwrap();
+        assert_eq!(next(&mut ws).await["type"], "session.created");
+        send(
+            &mut ws,
+            json!({"type": "session.update", "session": {"temperature": 0}}),
+        )
+        .await;
+        next(&mut ws).await;
+        add(&mut ws, ask).await;
+        send(
+            &mut ws,
+            json!({"type": "response.create", "response": {"max_output_tokens": 40}}),
+        )
+        .await;
+        let events = until(&mut ws, "response.done").await;
+        t.server.shutdown().await;
+        let deltas: Vec<String> = events
+            .iter()
+            .filter(|e| e["type"] == "response.output_text.delta")
+            .map(|e| e["delta"].as_str().unwrap().to_string())
+            .collect();
+        let done = events
+            .iter()
+            .find(|e| e["type"] == "response.output_text.done")
+            .map(|e| e["text"].as_str().unwrap().to_string())
+            .unwrap();
+        (deltas, done)
+    };
+    // Unfiltered, the model writes the addresses, each over several deltas.
+    let (raw, raw_text) = run(start(sanitizer(all_off.clone())).await).await;
+    let addresses = raw_text.matches("@example.com").count();
+    assert!(addresses >= 2, "{raw_text:?}");
+    let pieces = raw
+        .iter()
+        .filter(|d| d.contains('@') || d.contains("example"))
+        .count();
+    assert!(pieces >= 2, "addresses arrive across deltas: {raw:?}");
+
+    // With the output filter: redacted in the deltas and the done text alike.
+    let (deltas, text) = run(start(sanitizer(json!({}))).await).await;
+    assert_eq!(deltas.concat(), text);
+    assert!(!text.contains("@example"), "{text:?}");
+    assert_eq!(text.matches("[EMAIL]").count(), addresses, "{text:?}");
+    for d in &deltas {
+        assert!(!d.contains("@example"), "{d:?}");
+    }
 }
