@@ -441,6 +441,29 @@ impl Session {
         Ok((follows, id))
     }
 
+    /// Give the item `id` its text: a response's assistant item, added empty when the
+    /// response started, once the response has ended. Refused if the item is gone (the
+    /// client deleted it meanwhile) or the text would overflow the conversation.
+    pub fn fill(&mut self, id: &str, text: String) -> Result<(), EventError> {
+        let held: usize = self.items.iter().map(|i| i.text.len()).sum();
+        let item = self.items.iter_mut().find(|i| i.id == id).ok_or_else(|| {
+            refuse(
+                "item_not_found",
+                "item_id",
+                "no item with that id in the conversation",
+            )
+        })?;
+        if held - item.text.len() + text.len() > MAX_CONVERSATION_BYTES {
+            return Err(refuse(
+                "conversation_full",
+                "item",
+                format!("a conversation holds at most {MAX_CONVERSATION_BYTES} bytes of text"),
+            ));
+        }
+        item.text = text;
+        Ok(())
+    }
+
     /// Delete the item `id`.
     pub fn delete(&mut self, id: &str) -> Result<(), EventError> {
         let at = self.items.iter().position(|i| i.id == id).ok_or_else(|| {
@@ -513,6 +536,30 @@ mod tests {
         json!({"type": "conversation.item.create", "event_id": "c1", "item": {
             "type": "message", "role": role, "content": [{"type": "input_text", "text": t}]}})
         .to_string()
+    }
+
+    #[test]
+    fn a_response_item_is_filled_in_place_within_the_bounds() {
+        let mut s = Session::new("s".into(), "m".into());
+        let item = |id: &str, role, text: &str| Item {
+            id: id.into(),
+            role,
+            text: text.into(),
+        };
+        s.add(None, item("q", Role::User, "question")).unwrap();
+        s.add(None, item("a", Role::Assistant, "")).unwrap();
+        // An item added while the response runs comes after the response's.
+        s.add(None, item("q2", Role::User, "meanwhile")).unwrap();
+        s.fill("a", "answer".into()).unwrap();
+        let texts: Vec<&str> = s.items().iter().map(|i| i.text.as_str()).collect();
+        assert_eq!(texts, ["question", "answer", "meanwhile"]);
+        assert_eq!(
+            s.fill("gone", "x".into()).unwrap_err().code,
+            "item_not_found"
+        );
+        let huge = "x".repeat(MAX_CONVERSATION_BYTES);
+        assert_eq!(s.fill("a", huge).unwrap_err().code, "conversation_full");
+        assert_eq!(s.items()[1].text, "answer");
     }
 
     #[test]

@@ -559,13 +559,9 @@ impl Connection {
                 previous_item_id,
                 item,
             } => {
-                if running.is_some() {
-                    return self.refuse(&refuse(
-                        "conversation_busy",
-                        "wait for the response in progress to finish (or cancel it)",
-                    ));
-                }
-                // Checked by the sanitizer before it joins the conversation; events are
+                // An item may come while a response runs, as OpenAI's server allows: it
+                // joins after the response's own item, which was added when it started,
+                // and the next response sees it. Checked by the sanitizer before it joins the conversation; events are
                 // handled in order, so the next waits for this check.
                 let item = match self.check(item).await {
                     Ok(item) => item,
@@ -601,7 +597,13 @@ impl Connection {
                         "a response is in progress: wait for response.done or cancel it",
                     ));
                 }
-                *running = Some(self.start(&options));
+                match self.start(&options) {
+                    Ok(r) => *running = Some(r),
+                    Err(mut e) => {
+                        e.event_id = event_id;
+                        self.refuse(&e);
+                    }
+                }
             }
             ClientEvent::ResponseCancel => match running.take() {
                 Some(r) => {
@@ -653,10 +655,18 @@ impl Connection {
 
     /// Start a response: `response.created` and the item and part it writes now, deltas
     /// from its task, the rest when [`Connection::done`] is given its end.
-    fn start(&mut self, options: &Settings) -> Running {
+    fn start(&mut self, options: &Settings) -> Result<Running, EventError> {
+        let request = self.session.request(options);
         let response_id = self.session.new_id("resp");
         let item_id = self.session.new_id("item");
-        let previous = self.session.items().last().map(|i| i.id.clone());
+        // The response's item joins now, empty, so that items the client adds while it
+        // runs come after it; its text is filled in when the response ends.
+        let placeholder = Item {
+            id: item_id.clone(),
+            role: Role::Assistant,
+            text: String::new(),
+        };
+        let (previous, _) = self.session.add(None, placeholder)?;
         self.send(
             "response.created",
             json!({"response": {"id": response_id, "object": "realtime.response",
@@ -676,7 +686,6 @@ impl Connection {
             json!({"response_id": response_id, "item_id": item_id, "output_index": 0,
                    "content_index": 0, "part": {"type": "text", "text": ""}}),
         );
-        let request = self.session.request(options);
         let state = self.state.clone();
         let mut meta = self.meta.clone();
         meta.request_id = format!("{}-{response_id}", self.meta.request_id).into();
@@ -785,12 +794,12 @@ impl Connection {
             flow.finish(status, Some(model), tenant).await;
             finished
         });
-        Running {
+        Ok(Running {
             response_id,
             item_id,
             task,
             cancel: Some(cancel),
-        }
+        })
     }
 
     /// A response ended: its text joins the conversation (cut short or not), and the
@@ -798,15 +807,20 @@ impl Connection {
     fn done(&mut self, running: &Running, finished: Finished) {
         let (response_id, item_id) = (&running.response_id, &running.item_id);
         let mut output = Vec::new();
-        if !finished.text.is_empty() {
+        if finished.text.is_empty() {
+            // Nothing to keep: the empty item leaves the conversation, and the client is
+            // told, since it was told it joined.
+            if self.session.delete(item_id).is_ok() {
+                self.send("conversation.item.deleted", json!({"item_id": item_id}));
+            }
+        } else {
             let part = json!({"type": "text", "text": finished.text});
-            let item = Item {
-                id: item_id.clone(),
-                role: Role::Assistant,
-                text: finished.text,
-            };
-            if let Ok((previous, id)) = self.session.add(None, item)
-                && let Some(item) = self.session.items().iter().find(|i| i.id == id)
+            let at = self.session.items().iter().position(|i| &i.id == item_id);
+            let previous = at
+                .and_then(|at| at.checked_sub(1))
+                .map(|i| self.session.items()[i].id.clone());
+            if self.session.fill(item_id, finished.text).is_ok()
+                && let Some(item) = self.session.items().iter().find(|i| &i.id == item_id)
             {
                 let mut item = item.json();
                 if finished.status != "completed" {

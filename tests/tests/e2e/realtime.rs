@@ -240,6 +240,19 @@ async fn every_bad_event_is_an_error_event_and_the_session_goes_on() {
         events.last().unwrap()["error"]["code"],
         "conversation_already_has_active_response"
     );
+    // An item may come while the response runs: it joins after the response's own item.
+    let answer = events
+        .iter()
+        .find(|e| e["type"] == "response.output_item.added")
+        .map(|e| e["item"]["id"].clone())
+        .expect("the response's item");
+    send(&mut ws, user("Meanwhile, one more question.")).await;
+    let created = until(&mut ws, "conversation.item.created").await;
+    assert_eq!(
+        created.last().unwrap()["previous_item_id"],
+        answer,
+        "{created:?}"
+    );
     send(&mut ws, json!({"type": "response.cancel"})).await;
     let done = until(&mut ws, "response.done").await;
     assert_eq!(done.last().unwrap()["response"]["status"], "cancelled");
