@@ -43,6 +43,7 @@ fn main() {
                 },
                 stop: vec![],
                 span: tracing::Span::none(),
+                cache_scope: String::new(),
             })
             .expect("submit");
         while let Some(e) = rx.recv().await {

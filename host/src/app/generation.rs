@@ -255,6 +255,10 @@ impl Admitted {
             sampling: request.sampling,
             stop: request.stop,
             span: tracing::Span::current(),
+            cache_scope: match &self.principal.tenant {
+                Some(tenant) => format!("tenant:{tenant}"),
+                None => format!("principal:{}", self.principal.id),
+            },
         });
         if let Err(e) = &events {
             settle(permit.take(), Err(e));

@@ -64,6 +64,10 @@ pub struct GenerateRequest {
     pub sampling: SamplingParams,
     /// Stop strings: generation ends before the first occurrence, which is not returned.
     pub stop: Vec<String>,
+    /// Whose kept caches this request may use, and whom its own cache is kept for: a
+    /// cache is reused only within one scope (a tenant, or a principal), so no client can
+    /// learn from the time to its first token what another client's prompts began with.
+    pub cache_scope: String,
     /// The request's span, so engine work is traced under it.
     pub span: tracing::Span,
 }
@@ -340,7 +344,8 @@ struct Sequence<C> {
 /// Caches of finished sequences, with the tokens each holds, oldest first, up to a total
 /// of `budget` positions.
 struct Kept<C> {
-    entries: std::collections::VecDeque<(Vec<u32>, C)>,
+    /// Scope, tokens, cache.
+    entries: std::collections::VecDeque<(String, Vec<u32>, C)>,
     held: usize,
     budget: usize,
 }
@@ -354,31 +359,32 @@ impl<C> Kept<C> {
         }
     }
 
-    /// Keep `cache`, which holds `tokens`; the oldest go to make room.
-    fn keep(&mut self, tokens: Vec<u32>, cache: C) {
+    /// Keep `cache`, which holds `tokens`, for `scope`; the oldest go to make room.
+    fn keep(&mut self, scope: &str, tokens: Vec<u32>, cache: C) {
         if tokens.is_empty() || tokens.len() > self.budget {
             return;
         }
         self.held += tokens.len();
-        self.entries.push_back((tokens, cache));
+        self.entries.push_back((scope.to_string(), tokens, cache));
         while self.held > self.budget {
             match self.entries.pop_front() {
-                Some((t, _)) => self.held -= t.len(),
+                Some((_, t, _)) => self.held -= t.len(),
                 None => break,
             }
         }
     }
 
-    /// The kept cache sharing the longest prefix with `prompt`, taken out, and the length
-    /// of that prefix, at most all of `prompt` but its last token (whose logits the
-    /// sequence needs).
-    fn take(&mut self, prompt: &[u32]) -> Option<(C, usize)> {
+    /// The cache kept for `scope` sharing the longest prefix with `prompt`, taken out, and
+    /// the length of that prefix, at most all of `prompt` but its last token (whose logits
+    /// the sequence needs).
+    fn take(&mut self, scope: &str, prompt: &[u32]) -> Option<(C, usize)> {
         let usable = prompt.len().saturating_sub(1);
         let (best, shared) = self
             .entries
             .iter()
             .enumerate()
-            .map(|(i, (tokens, _))| {
+            .filter(|(_, (kept_for, _, _))| kept_for == scope)
+            .map(|(i, (_, tokens, _))| {
                 let shared = tokens
                     .iter()
                     .zip(prompt)
@@ -390,7 +396,7 @@ impl<C> Kept<C> {
         if shared == 0 {
             return None;
         }
-        let (tokens, cache) = self.entries.remove(best)?;
+        let (_, tokens, cache) = self.entries.remove(best)?;
         self.held -= tokens.len();
         Some((cache, shared))
     }
@@ -468,7 +474,7 @@ impl<F: Forward> Engine<F> {
         let reused = self
             .kept
             .borrow_mut()
-            .take(prompt)
+            .take(&job.request.cache_scope, prompt)
             .and_then(|(mut cache, shared)| {
                 F::truncate(&mut cache, shared).ok()?;
                 Some((cache, shared))
@@ -518,7 +524,7 @@ impl<F: Forward> Engine<F> {
                 .copied()
                 .collect();
             if tokens.len() == held {
-                kept.keep(tokens, seq.cache);
+                kept.keep(&seq.job.request.cache_scope, tokens, seq.cache);
             }
         }
     }
@@ -800,6 +806,7 @@ mod tests {
             },
             stop: stop.iter().map(|s| s.to_string()).collect(),
             span: tracing::Span::none(),
+            cache_scope: "tenant:a".into(),
         }
     }
 
@@ -850,60 +857,40 @@ mod tests {
                 }
             )
         );
-        // A prompt that parts earlier takes the shared part only; its last token is
-        // always computed, for its logits.
-        let (text, last) = run(request("abcdx", 2, &[]));
-        assert_eq!(text, "yz");
-        assert!(
-            matches!(
-                last,
-                GenerateEvent::Done {
-                    cached_tokens: 4,
-                    ..
-                }
-            ),
-            "{last:?}"
-        );
-        let (_, last) = run(request("abq", 1, &[]));
-        assert!(
-            matches!(
-                last,
-                GenerateEvent::Done {
-                    cached_tokens: 2,
-                    ..
-                }
-            ),
-            "{last:?}"
-        );
+        // A prompt that parts earlier takes the shared part only; a prompt all kept has its
+        // last token computed all the same, for its logits.
+        let cached = |r| match run(r) {
+            (_, GenerateEvent::Done { cached_tokens, .. }) => cached_tokens,
+            (_, last) => panic!("{last:?}"),
+        };
+        assert_eq!(cached(request("abcdx", 2, &[])), 4);
+        assert_eq!(cached(request("abq", 1, &[])), 2);
         // Nothing in common: nothing reused.
-        let (_, last) = run(request("zz", 1, &[]));
-        assert!(
-            matches!(
-                last,
-                GenerateEvent::Done {
-                    cached_tokens: 0,
-                    ..
-                }
-            ),
-            "{last:?}"
-        );
+        assert_eq!(cached(request("zz", 1, &[])), 0);
+        // Another tenant's prompt, the same tokens: never another scope's cache.
+        let other = GenerateRequest {
+            cache_scope: "tenant:b".into(),
+            ..request("abq", 1, &[])
+        };
+        assert_eq!(cached(other), 0);
         assert_eq!(handle.stats().reused_tokens.load(Ordering::Relaxed), 10);
     }
 
     #[test]
     fn kept_caches_stay_within_their_budget_and_the_oldest_go_first() {
         let mut kept = Kept::new(10);
-        kept.keep(vec![1, 2, 3, 4], 4usize);
-        kept.keep(vec![5, 6, 7, 8], 4);
+        kept.keep("a", vec![1, 2, 3, 4], 4usize);
+        kept.keep("a", vec![5, 6, 7, 8], 4);
         assert_eq!(kept.held, 8);
-        kept.keep(vec![9, 10, 11], 3);
+        kept.keep("a", vec![9, 10, 11], 3);
         // 11 > 10: the oldest went.
         assert_eq!(kept.held, 7);
-        assert!(kept.take(&[1, 2, 3, 4, 5]).is_none());
-        assert_eq!(kept.take(&[5, 6, 0]), Some((4, 2)));
+        assert!(kept.take("a", &[1, 2, 3, 4, 5]).is_none());
+        assert!(kept.take("b", &[5, 6, 0]).is_none());
+        assert_eq!(kept.take("a", &[5, 6, 0]), Some((4, 2)));
         assert_eq!(kept.held, 3);
         // Larger than the whole budget: not kept.
-        kept.keep((0..11).collect(), 11);
+        kept.keep("a", (0..11).collect(), 11);
         assert_eq!(kept.held, 3);
     }
 

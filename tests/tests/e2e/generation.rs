@@ -654,3 +654,42 @@ async fn engine_failures_are_500s_counted_and_the_server_goes_on() {
     assert_eq!(ok.status, 200, "{}", ok.text);
     t.server.shutdown().await;
 }
+
+/// Kept KV caches serve only the principal (or tenant) they were made for: another
+/// client's identical prompt is computed in full, so its time to first token says nothing
+/// about what others asked.
+#[tokio::test]
+async fn a_kept_cache_serves_its_own_principal_only() {
+    let (alice, bob) = ("alice-key-0123456789abcdef", "bob-key-0123456789abcdefgh");
+    let mut c = config();
+    // Configured keys would replace the plugin's own.
+    c.api_key = None;
+    c.metrics_api_key = None;
+    c.plugins.auth.config = warden_tests::auth_keys(&[
+        ("alice", alice, &["inference"]),
+        ("bob", bob, &["inference"]),
+    ])
+    .as_object()
+    .unwrap()
+    .clone();
+    let t = start(c).await;
+    let body = json!({"model": TEXT_MODEL, "temperature": 0, "max_tokens": 4,
+        "messages": [{"role": "user", "content": "Name a colour of the sea."}]});
+    let cached = |r: &warden_tests::Reply| {
+        assert_eq!(r.status, 200, "{}", r.text);
+        let usage = &r.json()["usage"];
+        (
+            usage["prompt_tokens_details"]["cached_tokens"]
+                .as_u64()
+                .unwrap(),
+            usage["prompt_tokens"].as_u64().unwrap(),
+        )
+    };
+    let first = t.post("/v1/chat/completions", Some(alice), &body).await;
+    assert_eq!(cached(&first).0, 0);
+    let (hit, prompt) = cached(&t.post("/v1/chat/completions", Some(alice), &body).await);
+    assert_eq!(hit, prompt - 1, "alice's second request reuses her first");
+    let (other, _) = cached(&t.post("/v1/chat/completions", Some(bob), &body).await);
+    assert_eq!(other, 0, "bob never gets alice's cache");
+    t.server.shutdown().await;
+}
