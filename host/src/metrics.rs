@@ -113,16 +113,19 @@ pub enum CloseReason {
     Shutdown,
     /// After a change of the auth plugin, the session's credentials were refused (4001).
     Unauthorized,
+    /// The client sent a message larger than an event may be (1009).
+    TooLarge,
 }
 
 impl CloseReason {
     /// Every reason, for series exported at zero.
-    pub const ALL: [Self; 5] = [
+    pub const ALL: [Self; 6] = [
         Self::Client,
         Self::Idle,
         Self::SlowReader,
         Self::Shutdown,
         Self::Unauthorized,
+        Self::TooLarge,
     ];
 
     /// The label value.
@@ -133,6 +136,7 @@ impl CloseReason {
             Self::SlowReader => "slow_reader",
             Self::Shutdown => "shutdown",
             Self::Unauthorized => "unauthorized",
+            Self::TooLarge => "too_large",
         }
     }
 }

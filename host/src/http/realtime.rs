@@ -22,9 +22,9 @@ use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role as WsRole, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use warp::Filter;
 use warp::http::{HeaderMap, StatusCode, header};
 use warp::reply::{Reply, Response};
@@ -275,6 +275,7 @@ fn close_reason(close: Option<(u16, &'static str)>) -> CloseReason {
         None => CloseReason::Client,
         Some(1000) => CloseReason::Idle,
         Some(1008) => CloseReason::SlowReader,
+        Some(1009) => CloseReason::TooLarge,
         Some(CLOSE_UNAUTHORIZED) => CloseReason::Unauthorized,
         Some(_) => CloseReason::Shutdown,
     }
@@ -429,15 +430,31 @@ impl Connection {
             }
             tokio::select! {
                 frame = stream.next() => match frame {
+                    // Larger than an event may be: said, then closed (1009, message too
+                    // big), since the rest of that frame cannot be read past.
+                    Some(Err(WsError::Capacity(_))) => {
+                        self.refuse(&EventError {
+                            code: "event_too_large",
+                            message: format!(
+                                "an event may be at most {} bytes",
+                                realtime::MAX_EVENT_BYTES
+                            ),
+                            param: None,
+                            event_id: None,
+                        });
+                        break Some((1009, "event too large"));
+                    }
                     None | Some(Err(_)) => break None,
                     Some(Ok(m)) => {
-                        idle.as_mut().reset(tokio::time::Instant::now() + self.bounds.idle);
                         if m.is_close() {
                             break None;
                         }
+                        // Only events are activity: a client's library answers pings on
+                        // its own, and a session kept alive by pongs alone is idle.
                         if !(m.is_text() || m.is_binary()) {
                             continue;
                         }
+                        idle.as_mut().reset(tokio::time::Instant::now() + self.bounds.idle);
                         self.counters.events_in.inc();
                         match self.still_authorized().await {
                             Ok(()) => {}

@@ -226,6 +226,15 @@ async fn every_bad_event_is_an_error_event_and_the_session_goes_on() {
             assert_eq!(e["error"]["event_id"], "c7");
         }
     }
+    // An event over 1 MiB is too large to read past: said, then closed with 1009.
+    let mut big = connect(&t, Some(INFERENCE_KEY), MODEL).await.unwrap();
+    assert_eq!(next(&mut big).await["type"], "session.created");
+    let huge = user(&"x".repeat(1 << 20)).to_string();
+    big.send(Message::text(huge)).await.unwrap();
+    let e = next(&mut big).await;
+    assert_eq!(e["error"]["code"], "event_too_large", "{e}");
+    assert_eq!(close_code(&mut big).await, CloseCode::Size);
+
     // A response while one runs is refused; the running one can be cancelled.
     add(&mut ws, "Count from one to one hundred.").await;
     send(
@@ -453,7 +462,8 @@ async fn the_registry_limits_counts_and_revokes() {
 async fn slow_readers_and_idle_sessions_are_closed() {
     let mut config = config();
     config.realtime.max_queued_events = 16;
-    config.realtime.idle_timeout_secs = 2;
+    config.realtime.idle_timeout_secs = 3;
+    config.realtime.ping_interval_secs = 1;
     let t = start(config).await;
 
     // A client that sends and never reads: once the kernel's buffers and the session's
@@ -488,10 +498,20 @@ async fn slow_readers_and_idle_sessions_are_closed() {
     writer.abort();
     metric_reaches(&t, "warden_realtime_connections", 0.0).await;
 
-    // A session with no event for the idle timeout is closed normally.
+    // A session with no event for the idle timeout is closed normally. It is pinged every
+    // second meanwhile, and the pongs its client's library sends do not count as events.
     let mut ws = connect(&t, Some(INFERENCE_KEY), MODEL).await.unwrap();
     assert_eq!(next(&mut ws).await["type"], "session.created");
-    assert_eq!(close_code(&mut ws).await, CloseCode::Normal);
+    let mut pings = 0;
+    let code = loop {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+            Ok(Some(Ok(Message::Ping(_)))) => pings += 1,
+            Ok(Some(Ok(Message::Close(Some(frame))))) => break frame.code,
+            other => panic!("not a ping or a close: {other:?}"),
+        }
+    };
+    assert_eq!(code, CloseCode::Normal);
+    assert!(pings >= 1, "no ping in {pings}");
     metric_reaches(&t, r#"warden_realtime_closes_total{reason="idle"}"#, 1.0).await;
     t.server.shutdown().await;
 }
